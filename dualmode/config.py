@@ -1,0 +1,67 @@
+"""The options of a training step: `TrainGraph.config`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def _default_compile_options() -> dict[str, Any]:
+    # dynamic=False: dualmode keys its own cache on input shapes and reports each new one.
+    return {"backend": "inductor", "mode": None, "dynamic": False, "options": None}
+
+
+@dataclass
+class StepConfig:
+    """Options of a `TrainGraph`, read at every call (change them between calls if you need to).
+
+    Attributes:
+        autocast_dtype: run `build()` under `torch.autocast` with this dtype (e.g. `torch.bfloat16` on CPU);
+            None for full precision.
+        grad_accumulation_steps: k; each call is one micro-batch, the update runs on every k-th call.
+        clip_grad_max_norm: clip the gradients of all groups without their own `clip_grad_max_norm` key to this
+            total norm before the update; None for no clipping.
+        clip_grad_norm_type: the norm used for clipping (2.0, 1.0, float("inf"), ...).
+        compile_options: keyword arguments for `torch.compile` in graph mode: backend, mode, dynamic, options.
+        max_recompiles: how many recompiles graph mode accepts before it raises `RecompileLimitError`.
+        check_finite: raise `FloatingPointError` when the loss is not finite; the update of that step is
+            skipped (parameters and optimizer state unchanged) in both modes.
+    """
+
+    autocast_dtype: torch.dtype | None = None
+    grad_accumulation_steps: int = 1
+    clip_grad_max_norm: float | None = None
+    clip_grad_norm_type: float = 2.0
+    compile_options: dict[str, Any] = field(default_factory=_default_compile_options)
+    max_recompiles: int = 8
+    check_finite: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError or TypeError naming the first bad field."""
+        if self.autocast_dtype is not None and not isinstance(self.autocast_dtype, torch.dtype):
+            raise TypeError(f"config.autocast_dtype must be a torch.dtype or None, got {self.autocast_dtype!r}")
+        k = self.grad_accumulation_steps
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"config.grad_accumulation_steps must be an int >= 1, got {k!r}")
+        if self.clip_grad_max_norm is not None:
+            m = self.clip_grad_max_norm
+            if not (isinstance(m, (int, float)) and math.isfinite(m) and m > 0):
+                raise ValueError(f"config.clip_grad_max_norm must be a finite positive number or None, got {m!r}")
+        t = self.clip_grad_norm_type
+        if not (isinstance(t, (int, float)) and (t > 0 or math.isinf(t))):
+            raise ValueError(f"config.clip_grad_norm_type must be a positive number or inf, got {t!r}")
+        if not isinstance(self.compile_options, dict):
+            raise TypeError(f"config.compile_options must be a dict, got {type(self.compile_options).__name__}")
+        unknown = set(self.compile_options) - {"backend", "mode", "dynamic", "options"}
+        if unknown:
+            raise ValueError(f"config.compile_options has unknown keys {sorted(unknown)}; "
+                             "allowed: backend, mode, dynamic, options")
+        r = self.max_recompiles
+        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+            raise ValueError(f"config.max_recompiles must be an int >= 0, got {r!r}")

@@ -1,0 +1,300 @@
+"""TrainGraph: one training step, defined once by `build()`, run eagerly or as one compiled graph.
+
+Eager mode runs `build()` and then the optimizer's own `step()` with each group's lr multiplied by its
+`lr_scale` for the length of that call: torch.optim itself is the ground truth. Graph mode (graph.py) traces
+the same `build()` and an equivalent update into one compiled graph. Everything that outlives a call (the
+parameters, the optimizer's state and param groups, the scheduler, the step count, gradients being
+accumulated) lives in the ordinary PyTorch objects, so the mode can change between any two calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import torch
+from torch import nn
+
+from dualmode import updates
+from dualmode.config import StepConfig
+from dualmode.graph import Explanation, GraphRunner
+from dualmode.outputs import detached, loss_of
+
+MODES = ("graph", "eager")
+
+
+class TrainGraph:
+    """A training (or evaluation) step: subclass it, assign modules, add an optimizer, write `build()`.
+
+    Example:
+        >>> import torch, dualmode as dm
+        >>> class Step(dm.TrainGraph):
+        ...     def __init__(self, model, optimizer):
+        ...         super().__init__(mode="eager")
+        ...         self.model = model
+        ...         self.add_optimizer(optimizer)
+        ...     def build(self, x, y):
+        ...         loss = torch.nn.functional.mse_loss(self.model(x), y)
+        ...         loss.backward()
+        ...         return loss
+        >>> model = torch.nn.Linear(3, 1)
+        >>> step = Step(model, torch.optim.SGD(dm.param_groups(model), lr=0.1))
+        >>> loss = step(torch.randn(8, 3), torch.randn(8, 1))
+        >>> step.step_count
+        1
+
+    Args:
+        mode: "graph" (compile the whole step with torch.compile on the first call) or "eager".
+        config: a `StepConfig`; a default one if None.
+    """
+
+    def __init__(self, *, mode: str = "graph", config: StepConfig | None = None):
+        self.config = config if config is not None else StepConfig()
+        if not isinstance(self.config, StepConfig):
+            raise TypeError(f"config must be a dualmode.StepConfig, got {type(self.config).__name__}")
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.lr_scheduler = None
+        self.step_count = 0
+        self._micro_steps = 0
+        self._graph = GraphRunner()
+        self.mode = mode
+
+    # Definition -------------------------------------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        """ "graph" or "eager"; may be changed between calls without losing any state."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in MODES:
+            raise ValueError(f"mode must be 'graph' or 'eager', got {value!r}")
+        self._mode = value
+
+    def add_optimizer(self, optimizer: torch.optim.Optimizer, *, lr_sch=None) -> None:
+        """Train with `optimizer` (and step `lr_sch`, a torch.optim.lr_scheduler built on it, after each update)."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"add_optimizer expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if self.optimizer is not None:
+            raise ValueError(f"{type(self).__name__} already has an optimizer; a TrainGraph steps exactly one")
+        if lr_sch is not None:
+            if not callable(getattr(lr_sch, "step", None)):
+                raise TypeError(f"lr_sch must be a torch.optim.lr_scheduler object, got {type(lr_sch).__name__}")
+            if getattr(lr_sch, "optimizer", None) is not optimizer:
+                raise ValueError(f"lr_sch ({type(lr_sch).__name__}) was built on another optimizer than the one given")
+        for i, group in enumerate(optimizer.param_groups):
+            _lr_scale(group, i)
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_sch
+
+    def build(self, *args, **kwargs):
+        """The step: forward, `loss.backward()`, return the loss (or outputs). Subclasses define it."""
+        raise NotImplementedError(f"{type(self).__name__} must define build(self, ...)")
+
+    # Running ----------------------------------------------------------------------------------------------
+
+    def __call__(self, *args, **kwargs):
+        """Run one step (or one micro-batch of it); return what build() returned, detached."""
+        self._check_ready()
+        phase = self._phase()
+        if self._mode == "graph":
+            out = self._graph.run(self, phase, args, kwargs)
+            self._check_finite(out, "the compiled step kept parameters and optimizer state unchanged")
+            if phase in ("step", "apply"):
+                # What torch.optim's step wrapper records, so that schedulers know the update ran.
+                self.optimizer._opt_called = True
+            if phase == "apply":
+                self.optimizer.zero_grad(set_to_none=True)
+        else:
+            out = self._eager(phase, args, kwargs)
+        return self._finish(phase, out)
+
+    def _check_ready(self) -> None:
+        self.config.validate()
+        if not self._modules_of_step():
+            raise ValueError(f"{type(self).__name__} has no nn.Module attribute: assign the model in __init__")
+        if self.optimizer is not None:
+            for i, group in enumerate(self.optimizer.param_groups):
+                _lr_scale(group, i)
+                if group.get("clip_grad_max_norm") is not None:
+                    updates.check_clip_settings(group["clip_grad_max_norm"], group.get("clip_grad_norm_type", 2.0),
+                                                f"param group {i}")
+
+    def _phase(self) -> str:
+        """eval (no optimizer), step (update now), accumulate (add gradients only) or apply (add, then update)."""
+        if self.optimizer is None:
+            return "eval"
+        k = self.config.grad_accumulation_steps
+        if k == 1:
+            return "step"
+        return "apply" if self._micro_steps + 1 >= k else "accumulate"
+
+    def _eager(self, phase: str, args: tuple, kwargs: dict):
+        if phase == "eval":
+            with torch.no_grad():
+                return self._run_build(args, kwargs)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        saved = None
+        if self.config.check_finite and phase in ("accumulate", "apply"):
+            saved = [None if p.grad is None else p.grad.clone() for p in params]
+        with torch.enable_grad():
+            out = self._run_build(args, kwargs)
+        if all(p.grad is None for p in params):
+            raise RuntimeError(f"{type(self).__name__}.build() left no gradient on any parameter of the "
+                               "optimizer: call loss.backward() inside build()")
+        try:
+            self._check_finite(out, "the update was skipped and gradients restored")
+        except FloatingPointError:
+            for p, g in zip(params, saved or [None] * len(params)):
+                p.grad = g
+            raise
+        if phase in ("step", "apply"):
+            self._clip_eager()
+            with _effective_lr(self.optimizer):
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return out
+
+    def _run_build(self, args: tuple, kwargs: dict):
+        """build() under the config's autocast; graph mode calls this while tracing."""
+        dtype = self.config.autocast_dtype
+        if dtype is None:
+            return self.build(*args, **kwargs)
+        with torch.autocast(self._device_type(), dtype=dtype):
+            return self.build(*args, **kwargs)
+
+    def _check_finite(self, out, what_happened: str) -> None:
+        if not self.config.check_finite:
+            return
+        loss = loss_of(out)
+        if loss is not None and not bool(torch.isfinite(loss.detach()).all()):
+            raise FloatingPointError(f"{type(self).__name__}: the loss is {loss.item()} at step {self.step_count}; "
+                                     f"{what_happened}")
+
+    def _clip_eager(self) -> None:
+        rest = []
+        for group in self.optimizer.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if group.get("clip_grad_max_norm") is not None:
+                nn.utils.clip_grad_norm_(params, group["clip_grad_max_norm"], group.get("clip_grad_norm_type", 2.0))
+            else:
+                rest += params
+        if self.config.clip_grad_max_norm is not None and rest:
+            nn.utils.clip_grad_norm_(rest, self.config.clip_grad_max_norm, self.config.clip_grad_norm_type)
+
+    def _finish(self, phase: str, out):
+        out = detached(out)
+        if phase == "accumulate":
+            self._micro_steps += 1
+        elif phase in ("step", "apply"):
+            self._micro_steps = 0
+            self.step_count += 1
+            if self.lr_scheduler is not None:
+                if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    loss = loss_of(out)
+                    if loss is None:
+                        raise ValueError("ReduceLROnPlateau needs the loss: build() must return it (a scalar "
+                                         "tensor, a sequence starting with it, or a dict with a 'loss' entry)")
+                    self.lr_scheduler.step(float(loss))
+                else:
+                    self.lr_scheduler.step()
+        return out
+
+    def _modules_of_step(self) -> list[tuple[str, nn.Module]]:
+        return [(name, v) for name, v in vars(self).items() if isinstance(v, nn.Module)]
+
+    def _device_type(self) -> str:
+        for _, module in self._modules_of_step():
+            for p in module.parameters():
+                return p.device.type
+        return "cpu"
+
+    # Inspection -------------------------------------------------------------------------------------------
+
+    @property
+    def compile_count(self) -> int:
+        """How many times graph mode traced and compiled the step so far (0 in eager mode)."""
+        return self._graph.compile_count
+
+    @property
+    def graph_module(self) -> torch.fx.GraphModule | None:
+        """The traced step (forward, backward and update) last compiled; None before the first graph call."""
+        return self._graph.graph_module
+
+    @property
+    def effective_lrs(self) -> list[float]:
+        """The lr each group is updated with at the next step: group["lr"] x group["lr_scale"]."""
+        if self.optimizer is None:
+            return []
+        return [float(g["lr"]) * _lr_scale(g, i) for i, g in enumerate(self.optimizer.param_groups)]
+
+    def explain(self) -> Explanation:
+        """What graph mode compiled: graphs, breaks, compiles and the reason of each recompile."""
+        return Explanation(self._mode, list(self._graph.records), len(self._graph._cache))
+
+    def __repr__(self) -> str:
+        from dualmode.describe import describe
+
+        return describe(self)
+
+    # Saving and loading -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Modules, optimizer, scheduler and step count, as live references (like torch's state_dict)."""
+        return {
+            "modules": {name: m.state_dict() for name, m in self._modules_of_step()},
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+            "lr_scheduler": None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
+            "step_count": self.step_count,
+            "micro_steps": self._micro_steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load what `state_dict()` gave, from either mode; copies, so nothing is shared with the source.
+
+        Everything is checked before anything is loaded: a mismatch raises and leaves this step unchanged.
+        """
+        modules = dict(self._modules_of_step())
+        saved = state.get("modules", {})
+        if set(saved) != set(modules):
+            raise ValueError(f"state_dict holds modules {sorted(saved)}, this step has {sorted(modules)}")
+        for name, module in modules.items():
+            own = module.state_dict()
+            if set(own) != set(saved[name]):
+                missing, extra = sorted(set(own) - set(saved[name])), sorted(set(saved[name]) - set(own))
+                raise ValueError(f"state_dict of module {name!r} does not match: missing {missing}, unexpected {extra}")
+        for key in ("optimizer", "lr_scheduler"):
+            if (state.get(key) is None) != (getattr(self, "optimizer" if key == "optimizer" else key) is None):
+                raise ValueError(f"state_dict has {'no ' if state.get(key) is None else ''}{key} state, "
+                                 f"this step {'has' if state.get(key) is None else 'has none'}")
+        for name, module in modules.items():
+            module.load_state_dict(saved[name])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.load_state_dict(copy.deepcopy(state["lr_scheduler"]))
+        self.step_count = int(state["step_count"])
+        self._micro_steps = int(state.get("micro_steps", 0))
+
+
+def _lr_scale(group: dict, index: int) -> float:
+    """The group's lr_scale (1.0 if absent); ValueError naming the group unless it is a finite positive number."""
+    scale = group.get("lr_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"param group {index}: lr_scale must be a finite positive number, got {scale!r}")
+    return float(scale)
+
+
+@contextlib.contextmanager
+def _effective_lr(optimizer: torch.optim.Optimizer):
+    """For the length of one optimizer.step(): group["lr"] becomes lr x lr_scale, then exactly what it was."""
+    saved = [g["lr"] for g in optimizer.param_groups]
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = group["lr"] * _lr_scale(group, i)
+    try:
+        yield
+    finally:
+        for group, lr in zip(optimizer.param_groups, saved):
+            group["lr"] = lr

@@ -1,0 +1,248 @@
+"""How graph mode applies an optimizer's update, as traceable tensor code.
+
+torch.optim's own functional updates turn a tensor lr into a Python number (`_to_scalar`, `.item()`), which a
+traced step cannot do, so graph mode carries its own copy of each update rule here. Each rule is written to
+follow torch.optim's single-tensor loop operation by operation, and the tests hold it to `torch.optim` run in
+eager mode: that is the ground truth.
+
+A rule sees one parameter at a time and returns new tensors; the caller writes them back. Hyperparameters that
+schedulers change (lr, momentum, betas, ...) arrive as 0-d tensors, so changing them never recompiles. Switches
+that change the shape of the computation (nesterov, amsgrad, a zero momentum) are baked in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """The update of one optimizer class, in the form graph mode traces.
+
+    Attributes:
+        hyper: names of the numeric hyperparameters read from the group at every step (runtime inputs).
+        flags: reads the switches baked into the compiled step from a param group.
+        state: reads which state tensors one parameter needs, given the flags, with their initial values.
+        update: `(param, grad, state, hyper, lr, flags) -> (new_param, new_state)`.
+        lazy: a state key that torch.optim creates from the first gradient rather than as zeros (SGD's
+            momentum buffer); the rule then also gets `state["has_buffer"]`, a 0-d bool tensor.
+    """
+
+    hyper: tuple[str, ...]
+    flags: Callable[[dict], tuple]
+    state: Callable[[tuple, Tensor, dict], dict[str, Tensor]]
+    update: Callable[..., tuple[Tensor, dict[str, Tensor]]]
+    lazy: str | None = None
+
+
+def _step_tensor() -> Tensor:
+    # torch.optim keeps "step" as a float32 CPU scalar when not capturable.
+    return torch.tensor(0.0, dtype=torch.float32)
+
+
+def _zeros(p: Tensor) -> Tensor:
+    return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+# SGD --------------------------------------------------------------------------------------------------------
+
+def _sgd_flags(group: dict) -> tuple:
+    return (group["momentum"] != 0, group["weight_decay"] != 0, bool(group["nesterov"]), bool(group["maximize"]))
+
+
+def _sgd_state(flags: tuple, p: Tensor, group: dict) -> dict[str, Tensor]:
+    use_momentum = flags[0]
+    return {"momentum_buffer": _zeros(p)} if use_momentum else {}
+
+
+def _sgd_update(p, g, state, h, lr, flags):
+    use_momentum, use_decay, nesterov, maximize = flags
+    if maximize:
+        g = -g
+    if use_decay:
+        g = g + h["weight_decay"] * p
+    new_state = {}
+    if use_momentum:
+        buf = state["momentum_buffer"]
+        later = buf * h["momentum"] + (1 - h["dampening"]) * g
+        buf = torch.where(state["has_buffer"], later, g)
+        new_state["momentum_buffer"] = buf
+        g = g + h["momentum"] * buf if nesterov else buf
+    return p - lr * g, new_state
+
+
+SGD = UpdateRule(("momentum", "dampening", "weight_decay"), _sgd_flags, _sgd_state, _sgd_update, "momentum_buffer")
+
+
+# Adam and AdamW (AdamW is Adam with decoupled_weight_decay=True in torch.optim) -------------------------------
+
+def _adam_flags(group: dict) -> tuple:
+    decoupled = bool(group.get("decoupled_weight_decay", False))
+    return (group["weight_decay"] != 0, decoupled, bool(group["amsgrad"]), bool(group["maximize"]))
+
+
+def _adam_state(flags: tuple, p: Tensor, group: dict) -> dict[str, Tensor]:
+    state = {"step": _step_tensor(), "exp_avg": _zeros(p), "exp_avg_sq": _zeros(p)}
+    if flags[2]:
+        state["max_exp_avg_sq"] = _zeros(p)
+    return state
+
+
+def _adam_update(p, g, state, h, lr, flags):
+    use_decay, decoupled, amsgrad, maximize = flags
+    beta1, beta2 = h["beta1"], h["beta2"]
+    if maximize:
+        g = -g
+    step = state["step"] + 1
+    if use_decay:
+        if decoupled:
+            p = p * (1 - lr * h["weight_decay"])
+        else:
+            g = g + h["weight_decay"] * p
+    exp_avg = state["exp_avg"] + (g - state["exp_avg"]) * (1 - beta1)
+    exp_avg_sq = state["exp_avg_sq"] * beta2 + (1 - beta2) * g * g
+    new_state = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    step64 = step.to(torch.float64)
+    step_size = lr / (1 - beta1**step64)
+    bias_correction2_sqrt = (1 - beta2**step64).sqrt()
+    second = exp_avg_sq
+    if amsgrad:
+        second = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
+        new_state["max_exp_avg_sq"] = second
+    denom = second.sqrt() / bias_correction2_sqrt + h["eps"]
+    return p - step_size * (exp_avg / denom), new_state
+
+
+ADAM = UpdateRule(("beta1", "beta2", "eps", "weight_decay"), _adam_flags, _adam_state, _adam_update)
+
+
+# RMSprop ----------------------------------------------------------------------------------------------------
+
+def _rmsprop_flags(group: dict) -> tuple:
+    return (group["momentum"] > 0, group["weight_decay"] != 0, bool(group["centered"]), bool(group["maximize"]))
+
+
+def _rmsprop_state(flags: tuple, p: Tensor, group: dict) -> dict[str, Tensor]:
+    state = {"step": _step_tensor(), "square_avg": _zeros(p)}
+    if flags[0]:
+        state["momentum_buffer"] = _zeros(p)
+    if flags[2]:
+        state["grad_avg"] = _zeros(p)
+    return state
+
+
+def _rmsprop_update(p, g, state, h, lr, flags):
+    use_momentum, use_decay, centered, maximize = flags
+    alpha = h["alpha"]
+    if maximize:
+        g = -g
+    new_state = {"step": state["step"] + 1}
+    if use_decay:
+        g = g + h["weight_decay"] * p
+    square_avg = state["square_avg"] * alpha + (1 - alpha) * g * g
+    new_state["square_avg"] = square_avg
+    if centered:
+        grad_avg = state["grad_avg"] + (g - state["grad_avg"]) * (1 - alpha)
+        new_state["grad_avg"] = grad_avg
+        avg = (square_avg - grad_avg * grad_avg).sqrt()
+    else:
+        avg = square_avg.sqrt()
+    avg = avg + h["eps"]
+    if use_momentum:
+        buf = state["momentum_buffer"] * h["momentum"] + g / avg
+        new_state["momentum_buffer"] = buf
+        return p - lr * buf, new_state
+    return p - lr * (g / avg), new_state
+
+
+RMSPROP = UpdateRule(("alpha", "eps", "momentum", "weight_decay"), _rmsprop_flags, _rmsprop_state, _rmsprop_update)
+
+
+# Adagrad ----------------------------------------------------------------------------------------------------
+
+def _adagrad_flags(group: dict) -> tuple:
+    return (group["weight_decay"] != 0, bool(group["maximize"]))
+
+
+def _adagrad_state(flags: tuple, p: Tensor, group: dict) -> dict[str, Tensor]:
+    init = group["initial_accumulator_value"]
+    return {"step": _step_tensor(), "sum": torch.full_like(p, init, memory_format=torch.preserve_format)}
+
+
+def _adagrad_update(p, g, state, h, lr, flags):
+    use_decay, maximize = flags
+    if maximize:
+        g = -g
+    step = state["step"] + 1
+    if use_decay:
+        g = g + h["weight_decay"] * p
+    clr = lr / (1 + (step.to(torch.float64) - 1) * h["lr_decay"])
+    total = state["sum"] + g * g
+    std = total.sqrt() + h["eps"]
+    return p - clr * (g / std), {"step": step, "sum": total}
+
+
+ADAGRAD = UpdateRule(("lr_decay", "eps", "weight_decay"), _adagrad_flags, _adagrad_state, _adagrad_update)
+
+
+RULES: dict[type, UpdateRule] = {
+    torch.optim.SGD: SGD,
+    torch.optim.Adam: ADAM,
+    torch.optim.AdamW: ADAM,
+    torch.optim.RMSprop: RMSPROP,
+    torch.optim.Adagrad: ADAGRAD,
+}
+
+
+def rule_for(optimizer: torch.optim.Optimizer) -> UpdateRule:
+    """The update rule graph mode traces for `optimizer`; TypeError if it has none.
+
+    Matched on the exact class: a subclass may change the math, so it is not assumed to be its parent.
+    """
+    rule = RULES.get(type(optimizer))
+    if rule is None:
+        known = ", ".join(sorted(cls.__name__ for cls in RULES))
+        raise TypeError(
+            f"graph mode has no traced update for {type(optimizer).__qualname__}; it supports {known}. "
+            "Run this step with mode='eager', which uses the optimizer's own step()."
+        )
+    return rule
+
+
+def hyper_values(rule: UpdateRule, group: dict) -> dict[str, float]:
+    """The group's current numeric hyperparameters, as the rule names them (betas are split in two)."""
+    values = {}
+    for name in rule.hyper:
+        if name in ("beta1", "beta2"):
+            values[name] = float(group["betas"][0 if name == "beta1" else 1])
+        else:
+            values[name] = float(group[name])
+    return values
+
+
+def total_grad_norm(grads: list[Tensor], norm_type: float) -> Tensor:
+    """The norm of all gradients viewed as one vector, as torch.nn.utils.clip_grad_norm_ computes it."""
+    norms = [torch.linalg.vector_norm(g, norm_type) for g in grads]
+    return torch.linalg.vector_norm(torch.stack(norms), norm_type)
+
+
+def clip_grads(grads: list[Tensor], max_norm: float, norm_type: float) -> list[Tensor]:
+    """Scale gradients so that their total norm is at most `max_norm` (torch's formula, 1e-6 included)."""
+    if not grads:
+        return grads
+    total = total_grad_norm(grads, norm_type)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return [g * coef.to(g.dtype) for g in grads]
+
+
+def check_clip_settings(max_norm, norm_type, where: str) -> None:
+    """ValueError naming `where` unless max_norm is a positive number and norm_type a positive norm or inf."""
+    if not (isinstance(max_norm, (int, float)) and math.isfinite(max_norm) and max_norm > 0):
+        raise ValueError(f"{where}: clip max norm must be a finite positive number, got {max_norm!r}")
+    if not (isinstance(norm_type, (int, float)) and (norm_type > 0 or math.isinf(norm_type))):
+        raise ValueError(f"{where}: clip norm type must be a positive number or inf, got {norm_type!r}")
