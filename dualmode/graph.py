@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from dualmode import updates
@@ -90,9 +89,8 @@ class _Tensors:
         self.names: list[str] = []
         self.is_param: list[bool] = []
         self.index: dict[int, int] = {}
-        self.per_module: list[tuple[torch.nn.Module, dict[str, int]]] = []
+        self.modules = [module for _, module in modules]
         for attr, module in modules:
-            local = {}
             named = [(n, t, True) for n, t in module.named_parameters()]
             named += [(n, t, False) for n, t in module.named_buffers()]
             for name, t, is_param in named:
@@ -101,8 +99,6 @@ class _Tensors:
                     self.tensors.append(t)
                     self.names.append(f"{attr}.{name}")
                     self.is_param.append(is_param)
-                local[name] = self.index[id(t)]
-            self.per_module.append((module, local))
 
     def signature(self) -> tuple:
         return tuple((n, tuple(t.shape), t.dtype, t.device, t.requires_grad)
@@ -222,10 +218,10 @@ class GraphRunner:
         if reason != "first call":
             if recompiles >= owner.config.max_recompiles:
                 raise RecompileLimitError(
-                    f"{type(owner).__name__}: graph mode would recompile a {recompiles + 1}th time "
-                    f"(config.max_recompiles={owner.config.max_recompiles}) because {reason}. Keep shapes fixed "
-                    "(drop_last=True or pad the last batch), set lr_scale before the first call, or raise "
-                    "config.max_recompiles.")
+                    f"{type(owner).__name__}: graph mode must recompile because {reason}, but the "
+                    f"{recompiles} recompiles allowed by config.max_recompiles={owner.config.max_recompiles} are "
+                    "used up. Keep shapes fixed (drop_last=True or pad the last batch), set lr_scale before the "
+                    "first call, or raise config.max_recompiles.")
             warnings.warn(f"{type(owner).__name__}: graph mode recompiles the step because {reason} "
                           f"(recompile {recompiles + 1} of at most {owner.config.max_recompiles})",
                           RecompileWarning, stacklevel=4)
@@ -359,11 +355,8 @@ class _StepTracer:
             for i, t in enumerate(self.tensors.tensors):
                 if self.tensors.is_param[i] and t.requires_grad:
                     tensors[i].requires_grad_(True)
-        with contextlib.ExitStack() as stack:
-            for module, local in self.tensors.per_module:
-                mapping = {name: tensors[i] for name, i in local.items()}
-                stack.enter_context(_reparametrize_module(module, mapping, tie_weights=True))
-            stack.enter_context(torch.enable_grad() if train else torch.no_grad())
+        stand_ins = {id(t): tensors[i] for i, t in enumerate(self.tensors.tensors)}
+        with _swapped(self.tensors.modules, stand_ins), (torch.enable_grad() if train else torch.no_grad()):
             out = self.owner._run_build(args, kwargs)
         if train:
             self._update(values, tensors, out)
@@ -432,6 +425,30 @@ class _StepTracer:
             clipped = updates.clip_grads([grads[ti] for ti in tis], float(max_norm), float(norm_type))
             grads.update(zip(tis, clipped))
         return grads
+
+
+@contextlib.contextmanager
+def _swapped(modules: list[torch.nn.Module], stand_ins: dict[int, torch.Tensor]):
+    """Put the traced stand-ins in place of the modules' parameters and buffers, then put the originals back.
+
+    Each storage slot (a module's own `_parameters` or `_buffers` entry) is swapped once, so a module reached
+    under two names and a Parameter tied into two modules both come back exactly as they were.
+    """
+    slots, seen = [], set()
+    for module in modules:
+        for sub in module.modules():
+            if id(sub) in seen:
+                continue
+            seen.add(id(sub))
+            for store in (sub._parameters, sub._buffers):
+                slots += [(store, name, t) for name, t in store.items() if t is not None and id(t) in stand_ins]
+    try:
+        for store, name, t in slots:
+            store[name] = stand_ins[id(t)]
+        yield
+    finally:
+        for store, name, t in slots:
+            store[name] = t
 
 
 def _write(dst: torch.Tensor, new: torch.Tensor, ok) -> None:

@@ -1,0 +1,5 @@
+import sys
+
+from dualmode.cli import main
+
+sys.exit(main())
