@@ -7,6 +7,7 @@ from dualmode.graph import RecompileWarning
 from dualmode.describe import describe
 from dualmode.groups import param_groups
 from dualmode.step import TrainGraph
+from dualmode.trace import TraceError
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,7 @@ __all__ = [
     "RecompileLimitError",
     "RecompileWarning",
     "StepConfig",
+    "TraceError",
     "TrainGraph",
     "describe",
     "param_groups",

@@ -232,7 +232,7 @@ class TrainGraph:
 
     def explain(self) -> Explanation:
         """What graph mode compiled: graphs, breaks, compiles and the reason of each recompile."""
-        return Explanation(self._mode, list(self._graph.records), len(self._graph._cache))
+        return Explanation(self._mode, list(self._graph.records), self._graph.graphs)
 
     def __repr__(self) -> str:
         from dualmode.describe import describe

@@ -335,3 +335,30 @@ def test_inductor_compiles_the_whole_step_and_matches_eager():
         results[mode] = snapshot(step)
     assert step.compile_count == 1
     assert_same_state(results["eager"], results["graph"])
+
+
+def test_optimizer_tensor_outside_the_step_modules_is_named_in_graph_mode():
+    model = tiny_net()
+    stray = torch.nn.Parameter(torch.randn(3, 64, 64))
+    step = Step(model, torch.optim.SGD([{"params": list(model.parameters())}, {"params": [stray]}], lr=0.1))
+    (x, y), = batches(1)
+    with pytest.raises(ValueError, match=r"param group 1, parameter 0 \(shape \(3, 64, 64\)\) is not a parameter"):
+        step(x, y)
+
+
+def test_a_step_that_reads_tensor_values_is_refused_with_a_pointer_to_eager_mode():
+    step = make_step()
+
+    def build(x, y):
+        loss = step.loss_fn(step.model(x), y)
+        if loss.item() > 0:  # Python control flow on a tensor value
+            loss.backward()
+        return loss
+
+    step.build = build
+    (x, y), = batches(1)
+    with pytest.raises(dm.TraceError, match=r"could not trace Step.build\(\).*mode='eager'"):
+        step(x, y)
+    step.mode = "eager"
+    step(x, y)
+    assert step.step_count == 1

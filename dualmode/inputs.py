@@ -1,0 +1,174 @@
+"""The inputs of a traced step: which tensors go in, in which order, and what the cache key of a call is.
+
+Every tensor the step reads or writes is an input of the graph: parameters, buffers, the call's tensor
+arguments, each group's lr and numeric hyperparameters (0-d tensors, so their values never recompile), the
+optimizer's state and, with gradient accumulation, the gradients summed so far. A slot names where an input
+comes from; at call time `StepCall.fetch` gets the real tensor, creating optimizer state as torch.optim would.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from dualmode import updates
+
+
+class StepTensors:
+    """The parameters and buffers of the step's modules, each tensor once, under its first qualified name."""
+
+    def __init__(self, modules: list[tuple[str, torch.nn.Module]]):
+        self.modules = [module for _, module in modules]
+        self.tensors: list[torch.Tensor] = []
+        self.names: list[str] = []
+        self.is_param: list[bool] = []
+        self.index: dict[int, int] = {}
+        for attr, module in modules:
+            named = [(n, t, True) for n, t in module.named_parameters()]
+            named += [(n, t, False) for n, t in module.named_buffers()]
+            for name, t, is_param in named:
+                if id(t) not in self.index:
+                    self.index[id(t)] = len(self.tensors)
+                    self.tensors.append(t)
+                    self.names.append(f"{attr}.{name}")
+                    self.is_param.append(is_param)
+
+    def signature(self) -> tuple:
+        return tuple((n, tuple(t.shape), t.dtype, t.device, t.requires_grad)
+                     for n, t in zip(self.names, self.tensors))
+
+
+def _leaf_signature(v) -> tuple:
+    if isinstance(v, torch.Tensor):
+        return ("tensor", tuple(v.shape), tuple(v.stride()), v.dtype, v.device)
+    return ("const", repr(v))
+
+
+class StepCall:
+    """One call of a step in graph mode: what it is given, its cache key, and its input slots."""
+
+    def __init__(self, owner, phase: str, args: tuple, kwargs: dict):
+        self.owner, self.phase = owner, phase
+        self.modules = owner._modules_of_step()
+        self.tensors = StepTensors(self.modules)
+        self.leaves, self.in_spec = tree_flatten((args, kwargs))
+        self.optimizer = owner.optimizer
+        self.rule = None
+        self._hyper_cache: dict[int, dict[str, float]] = {}
+        if self.optimizer is not None:
+            self.rule = updates.rule_for(self.optimizer)
+            self._check_optimizer()
+
+    def _check_optimizer(self) -> None:
+        optimizer = self.optimizer
+        name = type(optimizer).__name__
+        if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
+            raise TypeError(f"graph mode does not call {name}'s step hooks, and this optimizer has some: "
+                            "run the step with mode='eager' or remove the hooks")
+        for gi, group in enumerate(optimizer.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if id(p) not in self.tensors.index:
+                    raise ValueError(
+                        f"param group {gi}, parameter {pi} (shape {tuple(p.shape)}) is not a parameter of any "
+                        f"module of {type(self.owner).__name__}; graph mode updates only parameters of the "
+                        "nn.Module attributes of the step")
+
+    @property
+    def groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def key_parts(self) -> dict:
+        """What the compiled step depends on, by name; a change in any part compiles a new variant."""
+        config = self.owner.config
+        parts = {
+            "phase": self.phase,
+            "inputs": (str(self.in_spec), tuple(_leaf_signature(v) for v in self.leaves)),
+            "tensors": self.tensors.signature(),
+            "training": tuple(m.training for module in self.tensors.modules for m in module.modules()),
+            "config": (config.autocast_dtype, config.clip_grad_max_norm, config.clip_grad_norm_type,
+                       config.check_finite, repr(sorted(config.compile_options.items()))),
+        }
+        if self.optimizer is not None:
+            index = self.tensors.index
+            parts["groups"] = tuple(
+                (tuple(index[id(p)] for p in g["params"]), self.rule.flags(g),
+                 (g.get("clip_grad_max_norm"), g.get("clip_grad_norm_type", 2.0)))
+                for g in self.groups)
+            parts["lr_scale"] = tuple(float(g.get("lr_scale", 1.0)) for g in self.groups)
+        return parts
+
+    def slots(self) -> list[tuple]:
+        """The inputs of the traced step, in order; each slot says where its tensor comes from."""
+        slots = [("tensor", i) for i in range(len(self.tensors.tensors))]
+        slots += [("arg", k) for k, v in enumerate(self.leaves) if isinstance(v, torch.Tensor)]
+        if self.optimizer is None:
+            return slots
+        for gi, group in enumerate(self.groups):
+            slots += [("hyper", gi, name) for name in ("lr",) + self.rule.hyper]
+            flags = self.rule.flags(group)
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                ti = self.tensors.index[id(p)]
+                if self.rule.lazy:
+                    slots.append(("has_buffer", gi, ti))
+                slots += [("state", gi, ti, k) for k in self.rule.state(flags, p, group)]
+                if self.phase in ("accumulate", "apply"):
+                    slots.append(("grad", gi, ti))
+        return slots
+
+    def example(self, slot: tuple, scalars: dict) -> torch.Tensor:
+        """A tensor to trace the slot with; unlike `fetch`, it creates no optimizer state and no gradient."""
+        kind = slot[0]
+        if kind == "state":
+            _, gi, ti, key = slot
+            p, group = self.tensors.tensors[ti], self.groups[gi]
+            existing = self.optimizer.state.get(p, {}).get(key)
+            return existing if existing is not None else self.rule.state(self.rule.flags(group), p, group)[key]
+        if kind == "grad":
+            p = self.tensors.tensors[slot[2]]
+            return p.grad if p.grad is not None else torch.zeros_like(p)
+        return self.fetch(slot, scalars)
+
+    def fetch(self, slot: tuple, scalars: dict) -> torch.Tensor:
+        """The real tensor of one slot at call time; creates optimizer state the way torch.optim would."""
+        kind = slot[0]
+        if kind == "tensor":
+            t = self.tensors.tensors[slot[1]]
+            return t.detach() if self.tensors.is_param[slot[1]] else t
+        if kind == "arg":
+            return self.leaves[slot[1]]
+        if kind == "hyper":
+            _, gi, name = slot
+            return _scalar(scalars, slot, torch.float64).fill_(self._hyper(gi)[name])
+        if kind == "has_buffer":
+            p = self.tensors.tensors[slot[2]]
+            has = self.optimizer.state.get(p, {}).get(self.rule.lazy) is not None
+            return _scalar(scalars, slot, torch.bool).fill_(has)
+        if kind == "state":
+            _, gi, ti, key = slot
+            p, group = self.tensors.tensors[ti], self.groups[gi]
+            state = self.optimizer.state[p]
+            if state.get(key) is None:
+                state[key] = self.rule.state(self.rule.flags(group), p, group)[key]
+            return state[key]
+        if kind == "grad":
+            p = self.tensors.tensors[slot[2]]
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            return p.grad
+        raise ValueError(f"unknown input slot {slot!r}")
+
+    def _hyper(self, gi: int) -> dict[str, float]:
+        if gi not in self._hyper_cache:
+            group = self.groups[gi]
+            self._hyper_cache[gi] = {"lr": float(group["lr"]), **updates.hyper_values(self.rule, group)}
+        return self._hyper_cache[gi]
+
+
+def _scalar(scalars: dict, key: tuple, dtype: torch.dtype) -> torch.Tensor:
+    # One persistent 0-d tensor per runtime scalar, refilled at each call.
+    t = scalars.get(key)
+    if t is None:
+        t = scalars[key] = torch.zeros((), dtype=dtype)
+    return t

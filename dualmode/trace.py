@@ -1,0 +1,182 @@
+"""Tracing one whole training step (forward, backward, update) into a torch.fx GraphModule with make_fx.
+
+`make_fx` runs `build()` once on fake tensors that stand in for every input slot (inputs.py). Autograd runs
+for real during that trace, so the `loss.backward()` inside `build()` is recorded op by op; a Parameter tied
+into two modules is one stand-in, so its gradient sums both uses and it is updated once. The optimizer's update
+(updates.py) is then traced on the gradients, and each result is written back into its input with `copy_`,
+which torch.compile turns into in-place updates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from dualmode import updates
+from dualmode.outputs import loss_of
+
+
+class TraceError(RuntimeError):
+    """build() could not be traced in graph mode."""
+
+
+def trace_step(call, slots: list[tuple], examples: list[torch.Tensor]):
+    """Trace the step of `call` over `slots`; return (graph module, indices of the slots it reads, tracer)."""
+    tracer = StepTracer(call, slots)
+    try:
+        gm = make_fx(tracer, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
+    except (TraceError, TypeError, ValueError):
+        raise
+    except Exception as error:
+        name = type(call.owner).__name__
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise TraceError(
+            f"graph mode could not trace {name}.build(). A step that needs Python values of tensors (.item(), "
+            f"an `if` on a tensor) cannot be one graph: run it with mode='eager'. Cause: "
+            f"{type(error).__name__}: {cause}") from error
+    return gm, prune_unused_inputs(gm), tracer
+
+
+def prune_unused_inputs(gm: torch.fx.GraphModule) -> list[int]:
+    """Drop dead code and the inputs nothing reads (state of parameters that got no gradient); return kept indices."""
+    gm.graph.eliminate_dead_code()
+    used = []
+    for i, node in enumerate([n for n in gm.graph.nodes if n.op == "placeholder"]):
+        if node.users:
+            used.append(i)
+        else:
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return used
+
+
+class StepTracer:
+    """The function make_fx traces: forward, backward and update, over the step's input slots."""
+
+    def __init__(self, call, slots: list[tuple]):
+        self.call, self.slots = call, slots
+        self.out_spec = None
+        self.out_consts: list = []
+
+    def __call__(self, *flat):
+        call = self.call
+        values = dict(zip(self.slots, flat))
+        originals = call.tensors.tensors
+        stand_ins = [values[("tensor", i)] for i in range(len(originals))]
+        leaves = [values.get(("arg", k), v) for k, v in enumerate(call.leaves)]
+        args, kwargs = tree_unflatten(leaves, call.in_spec)
+        train = call.optimizer is not None
+        if train:
+            for t, stand_in, is_param in zip(originals, stand_ins, call.tensors.is_param):
+                if is_param and t.requires_grad:
+                    stand_in.requires_grad_(True)
+        by_id = {id(t): s for t, s in zip(originals, stand_ins)}
+        with swapped(call.tensors.modules, by_id), (torch.enable_grad() if train else torch.no_grad()):
+            out = call.owner._run_build(args, kwargs)
+        if train:
+            self._update(values, stand_ins, out)
+        return self._outputs(out)
+
+    def _outputs(self, out) -> tuple:
+        out_leaves, self.out_spec = tree_flatten(out)
+        tensor_outs = [v.detach() for v in out_leaves if isinstance(v, torch.Tensor)]
+        if len(tensor_outs) == len(out_leaves):
+            return tuple(tensor_outs)
+        if tensor_outs:
+            raise TypeError("graph mode: build() must return tensors only (in any nesting of tuples, lists and "
+                            "dicts), or no tensor at all")
+        self.out_consts = out_leaves
+        return ()
+
+    def _update(self, values: dict, stand_ins: list, out) -> None:
+        call, config = self.call, self.call.owner.config
+        members = []  # (group index, tensor index) of each parameter that got a gradient
+        for gi, group in enumerate(call.groups):
+            for p in group["params"]:
+                ti = call.tensors.index[id(p)]
+                if p.requires_grad and stand_ins[ti].grad is not None:
+                    members.append((gi, ti))
+        if not members:
+            raise RuntimeError(f"{type(call.owner).__name__}.build() left no gradient on any parameter of the "
+                               "optimizer: call loss.backward() inside build()")
+        loss = loss_of(out)
+        ok = torch.isfinite(loss.detach()).all() if (config.check_finite and loss is not None) else None
+        with torch.no_grad():
+            grads = {ti: stand_ins[ti].grad for _, ti in members}
+            if call.phase == "accumulate":
+                for gi, ti in members:
+                    summed = values[("grad", gi, ti)]
+                    write(summed, summed + grads[ti], ok)
+                return
+            if call.phase == "apply":
+                grads = {ti: values[("grad", gi, ti)] + grads[ti] for gi, ti in members}
+            grads = self._clipped(grads, members)
+            for gi, ti in members:
+                self._update_one(values, gi, ti, stand_ins[ti], grads[ti], ok)
+
+    def _update_one(self, values: dict, gi: int, ti: int, param, grad, ok) -> None:
+        rule, group = self.call.rule, self.call.groups[gi]
+        flags = rule.flags(group)
+        keys = rule.state(flags, self.call.tensors.tensors[ti], group)
+        state = {k: values[("state", gi, ti, k)] for k in keys}
+        if rule.lazy:
+            state["has_buffer"] = values[("has_buffer", gi, ti)]
+        hyper = {name: values[("hyper", gi, name)] for name in rule.hyper}
+        lr = values[("hyper", gi, "lr")] * float(group.get("lr_scale", 1.0))  # lr_scale: a baked constant
+        new_param, new_state = rule.update(param, grad, state, hyper, lr, flags)
+        write(param, new_param, ok)
+        for k, v in new_state.items():
+            write(state[k], v, ok)
+
+    def _clipped(self, grads: dict, members: list) -> dict:
+        """Clip per group where the group has clip_grad_max_norm, and the rest together by the config."""
+        config, groups = self.call.owner.config, self.call.groups
+        by_clip: dict[tuple, list[int]] = {}
+        for gi, ti in members:
+            g = groups[gi]
+            if g.get("clip_grad_max_norm") is not None:
+                key = (gi, g["clip_grad_max_norm"], g.get("clip_grad_norm_type", 2.0))
+            elif config.clip_grad_max_norm is not None:
+                key = (-1, config.clip_grad_max_norm, config.clip_grad_norm_type)
+            else:
+                continue
+            by_clip.setdefault(key, []).append(ti)
+        grads = dict(grads)
+        for (_, max_norm, norm_type), tis in by_clip.items():
+            clipped = updates.clip_grads([grads[ti] for ti in tis], float(max_norm), float(norm_type))
+            grads.update(zip(tis, clipped))
+        return grads
+
+
+@contextlib.contextmanager
+def swapped(modules: list[torch.nn.Module], stand_ins: dict[int, torch.Tensor]):
+    """Put the traced stand-ins in place of the modules' parameters and buffers, then put the originals back.
+
+    Each storage slot (a module's own `_parameters` or `_buffers` entry) is swapped once, so a module reached
+    under two names and a Parameter tied into two modules both come back exactly as they were.
+    """
+    slots, seen = [], set()
+    for module in modules:
+        for sub in module.modules():
+            if id(sub) in seen:
+                continue
+            seen.add(id(sub))
+            for store in (sub._parameters, sub._buffers):
+                slots += [(store, name, t) for name, t in store.items() if t is not None and id(t) in stand_ins]
+    try:
+        for store, name, t in slots:
+            store[name] = stand_ins[id(t)]
+        yield
+    finally:
+        for store, name, t in slots:
+            store[name] = t
+
+
+def write(dst: torch.Tensor, new: torch.Tensor, ok) -> None:
+    """Write a new value into an input; with the finite check on, keep the old value when the loss is not finite."""
+    if ok is not None:
+        new = torch.where(ok, new, dst)
+    dst.copy_(new)
