@@ -1,5 +1,6 @@
 """param_groups: selectors, first match wins, defaults, frozen and tied parameters, splits, the seed case."""
 
+import collections
 import copy
 
 import pytest
@@ -157,6 +158,14 @@ def test_tied_parameter_appears_once_under_its_first_name(tied_net):
 def test_tied_parameter_is_selected_under_any_of_its_names(tied_net, selector):
     groups = param_groups(tied_net, [{"params": selector(tied_net), "lr_scale": 10.0}])
     assert names_of(groups) == [["embed.weight", "head.bias"], ["mid.weight", "mid.bias"]]
+
+
+def test_module_registered_twice_counts_once():
+    shared = nn.Linear(2, 2)
+    model = nn.Sequential(collections.OrderedDict(a=shared, mid=nn.Linear(2, 2), b=shared))
+    assert [g["names"] for g in param_groups(model, [{"params": "b.*"}])] == [["a.weight", "a.bias"],
+                                                                              ["mid.weight", "mid.bias"]]
+    assert [g["lr_scale"] for g in param_groups(model, layer_decay=0.5)] == [0.5, 1.0]  # 'b' adds no layer
 
 
 def test_tied_parameter_layer_is_that_of_its_first_name(tied_net):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import dualmode as dm
 from dualmode.describe import describe
 from dualmode.groups import param_groups
 
@@ -93,6 +94,19 @@ def test_evaluation_graph_has_no_optimizer(seed_net):
     step = types.SimpleNamespace(mode="eager", optimizer=None)
     assert describe(step) == "mode: eager\nno optimizer (evaluation graph)"
     assert describe(step, model=seed_net).splitlines()[-1] == "frozen (requires_grad=False): none"
+
+
+def test_a_real_train_graph(seed_net):
+    class Step(dm.TrainGraph):
+        def __init__(self, optimizer=None):
+            super().__init__(mode="eager")
+            self.model = seed_net
+            if optimizer is not None:
+                self.add_optimizer(optimizer)
+
+    seed_net.conv1.requires_grad_(False)
+    assert describe(Step(seed_optimizer(seed_net)), model=seed_net) == "mode: eager\n" + SEED_TABLE
+    assert describe(Step()) == "mode: eager\nno optimizer (evaluation graph)"
 
 
 @pytest.mark.parametrize("thing, message", [

@@ -82,11 +82,12 @@ ERRORS.update({
 def test_bad_input_raises_naming_the_culprit(seed_net, case):
     build, error, message = ERRORS[case]
     kwargs = build(seed_net)
-    before = copy.copy(kwargs.get("rules"))
+    rules = kwargs.get("rules")
+    before = [dict(r) if isinstance(r, dict) else r for r in rules] if isinstance(rules, list) else None
     with pytest.raises(error, match=message):
         param_groups(seed_net, **kwargs)
-    if isinstance(before, list):  # nothing half-built: the caller's list is as it was
-        assert kwargs["rules"] == before
+    if before is not None:  # nothing half-built: the caller's list and dicts are as they were
+        assert [dict(r) if isinstance(r, dict) else r for r in rules] == before
 
 
 def test_model_must_be_a_module(seed_net):
