@@ -63,50 +63,49 @@ def _optimizer_lines(optimizer, model):
 
 def _group_lines(groups, model, *, hand_written):
     first_name = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
-    rows, foreign, seen = [], [], set()
-    total_tensors = total_elements = 0
-    unread = False
+    rows, params_of = [], []
     for i, group in enumerate(groups):
         if not isinstance(group, Mapping):
             raise TypeError(f"group {i} is a {type(group).__name__}, not a dict")
-        params = _params(group.get("params", []))
-        scale = _number(group.get("lr_scale", 1.0))
-        lr = _number(group.get("lr"))
-        if params is None:
-            unread = True
-            tensors = elements = names = "?"
-        else:
-            seen.update(id(p) for p in params)
-            given = group.get("names")
-            names = given if given is not None and len(given) == len(params) else [
-                first_name.get(id(p), "?") for p in params]
-            foreign += [f"group {i}: tensor of shape {tuple(p.shape)}" for p in params
-                        if model is not None and id(p) not in first_name]
-            count = sum(p.numel() for p in params)
-            total_tensors += len(params)
-            total_elements += count
-            tensors, elements = str(len(params)), f"{count:,}"
-            names = _first(names, _NAMES_SHOWN) if names else "(empty)"
-        effective = _fmt(lr * scale) if lr is not None and scale is not None else f"{_fmt(scale)} x lr"
-        rows.append([str(i), str(group.get("rule", "-")), tensors, elements, _fmt(lr), _fmt(scale), effective,
-                     _fmt(_number(group.get("weight_decay"))), names])
-    notes = []
-    if unread:
-        notes.append("'?': a one-shot iterator, not read")
+        params_of.append(_params(group.get("params", [])))
+        rows.append(_row(i, group, params_of[-1], first_name))
+    known = [p for params in params_of if params is not None for p in params]
+    unread = any(params is None for params in params_of)
+    notes = ["'?': a one-shot iterator, not read"] if unread else []
     if hand_written and any("-" in (row[4], row[7]) for row in rows):
         notes.append("'-': not set in the group")
     lines = _table(rows)
-    lines.append(f"{total_tensors} tensors, {total_elements:,} elements in {len(groups)} groups"
+    lines.append(f"{len(known)} tensors, {sum(p.numel() for p in known):,} elements in {len(groups)} groups"
                  + (f" ({'; '.join(notes)})" if notes else ""))
     if model is None:
         return lines
     lines += _frozen_lines(model)
+    seen = {id(p) for p in known}
     orphans = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
     if orphans and not unread:
         lines.append(f"trainable but in no group: {_first(orphans, _LISTED)}")
+    foreign = [f"group {i}: tensor of shape {tuple(p.shape)}" for i, params in enumerate(params_of)
+               for p in params or [] if id(p) not in first_name]
     if foreign:
         lines.append(f"not parameters of the model: {_first(foreign, _LISTED)}")
     return lines
+
+
+def _row(i, group, params, first_name):
+    """One table row; ``params`` is the group's tensors, or None when they cannot be read."""
+    scale = _number(group.get("lr_scale", 1.0))
+    lr = _number(group.get("lr"))
+    effective = _fmt(lr * scale) if lr is not None and scale is not None else f"{_fmt(scale)} x lr"
+    if params is None:
+        tensors = elements = names = "?"
+    else:
+        given = group.get("names")
+        if given is None or len(given) != len(params):
+            given = [first_name.get(id(p), "?") for p in params]
+        tensors, elements = str(len(params)), f"{sum(p.numel() for p in params):,}"
+        names = _first(given, _NAMES_SHOWN) if given else "(empty)"
+    return [str(i), str(group.get("rule", "-")), tensors, elements, _fmt(lr), _fmt(scale), effective,
+            _fmt(_number(group.get("weight_decay"))), names]
 
 
 def _frozen_lines(model):
