@@ -1,0 +1,146 @@
+"""The variants `dualmode bench` times: one training step each, on the same model, data and update.
+
+Every variant starts from the same seeded model and the same random batch, and (where it updates) uses SGD with
+momentum 0.9 over the same three parameter groups with distinct `lr_scale`: the classifier 10x, the other
+biases 2x, the rest 1x. The two dualmode variants run one `BenchStep` (a `TrainGraph` subclass) in each mode;
+the others are the reference points written with PyTorch alone, where the lr of each group is set to
+lr x lr_scale by hand, as torch.optim knows nothing of `lr_scale`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import dualmode as dm
+from dualmode.models import mlp, mobilenet_v2
+
+LR, MOMENTUM = 0.01, 0.9
+MODELS = ("mlp", "mobilenet_v2")
+NUM_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the step: its name, what it is, and how to build it from `BenchSettings`."""
+
+    name: str
+    summary: str
+    make: Callable[["BenchSettings"], Callable]
+    compiles: bool = False
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What every variant is built from (sent to each worker process as JSON)."""
+
+    model: str = "mlp"
+    hidden: int = 512
+    batch_size: int = 64
+    seed: int = 0
+    backend: str = "inductor"
+    compile_mode: str | None = None
+
+    @property
+    def compile_options(self) -> dict:
+        """The torch.compile options of every compiled variant (graph mode's StepConfig takes the same)."""
+        return {"backend": self.backend, "mode": self.compile_mode, "dynamic": False, "options": None}
+
+
+def make_model(settings: BenchSettings) -> nn.Module:
+    """The seeded model, in training mode."""
+    torch.manual_seed(settings.seed)
+    if settings.model == "mlp":
+        return mlp(hidden=settings.hidden, num_classes=NUM_CLASSES).train()
+    if settings.model == "mobilenet_v2":
+        return mobilenet_v2(num_classes=NUM_CLASSES).train()
+    raise ValueError(f"unknown model {settings.model!r}; choose one of {', '.join(MODELS)}")
+
+
+def make_batch(settings: BenchSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random batch of 32x32x3 images and labels of 10 classes."""
+    generator = torch.Generator().manual_seed(settings.seed + 1)
+    x = torch.randn(settings.batch_size, 3, 32, 32, generator=generator)
+    y = torch.randint(0, NUM_CLASSES, (settings.batch_size,), generator=generator)
+    return x, y
+
+
+def make_groups(model: nn.Module) -> list[dict]:
+    """Three groups with distinct lr_scale: the last Linear 10x, the other biases 2x, everything else 1x."""
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    return dm.param_groups(model, [{"params": head, "lr_scale": 10.0}, {"params": "*.bias", "lr_scale": 2.0}],
+                           default={})
+
+
+def make_sgd(params) -> torch.optim.SGD:
+    """SGD with momentum, the foreach implementation (torch's fast path; on CPU it is not the default)."""
+    return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, foreach=True)
+
+
+class BenchStep(dm.TrainGraph):
+    """The step both dualmode variants run: cross-entropy of the model's output, backward."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, mode: str, config: dm.StepConfig):
+        super().__init__(mode=mode, config=config)
+        self.model = model
+        self.add_optimizer(optimizer)
+
+    def build(self, x, y):
+        loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        return loss
+
+
+def _dualmode_step(mode: str) -> Callable[[BenchSettings], Callable]:
+    def make(settings: BenchSettings) -> Callable:
+        model = make_model(settings)
+        config = dm.StepConfig(compile_options=settings.compile_options)
+        return BenchStep(model, make_sgd(make_groups(model)), mode=mode, config=config)
+
+    return make
+
+
+def _torch_step(compiled: bool, update: bool) -> Callable[[BenchSettings], Callable]:
+    def make(settings: BenchSettings) -> Callable:
+        model = make_model(settings)
+        forward = torch.compile(model, **_torch_compile_kwargs(settings)) if compiled else model
+        groups = make_groups(model)
+        for group in groups:
+            group["lr"] = LR * group["lr_scale"]
+        optimizer = make_sgd(groups) if update else None
+
+        def step(x, y):
+            loss = F.cross_entropy(forward(x), y)
+            loss.backward()
+            if optimizer is not None:
+                optimizer.step()
+            model.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        return step
+
+    return make
+
+
+def _torch_compile_kwargs(settings: BenchSettings) -> dict:
+    return {k: v for k, v in settings.compile_options.items() if v is not None}
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("eager", "dualmode TrainGraph, mode='eager': build(), then torch.optim SGD (foreach) with lr x lr_scale",
+            _dualmode_step("eager")),
+    Variant("graph", "dualmode TrainGraph, mode='graph': forward, backward and update compiled as one graph",
+            _dualmode_step("graph"), compiles=True),
+    Variant("torch-eager", "plain PyTorch: forward, backward, SGD foreach step, zero_grad",
+            _torch_step(compiled=False, update=True)),
+    Variant("torch-compile", "torch.compile(model) (forward and its backward), eager SGD foreach step",
+            _torch_step(compiled=True, update=True), compiles=True),
+    Variant("fwd-bwd-eager", "forward and backward only, no update (eager): the floor of an eager step",
+            _torch_step(compiled=False, update=False)),
+    Variant("fwd-bwd-compile", "forward and backward only, no update, torch.compile(model): the floor of a "
+            "compiled step", _torch_step(compiled=True, update=False), compiles=True),
+)}

@@ -1,0 +1,99 @@
+"""`dualmode bench`: its options, and a tiny real run (worker processes, JSON, plot). No timing assertions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from dualmode import bench
+from dualmode.bench_variants import VARIANTS
+
+TINY = ["--model", "mlp", "--hidden", "16", "--batch-size", "8", "--steps", "2", "--warmup", "1",
+        "--backend", "aot_eager", "--pause-ms", "0"]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="dualmode bench")
+    bench.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_command_interface():
+    assert bench.NAME == "bench"
+    assert isinstance(bench.HELP, str) and bench.HELP
+    assert callable(bench.run)
+
+
+def test_defaults_run_every_variant():
+    args = parse([])
+    assert (args.model, args.batch_size, args.backend, args.cold_cache) == ("mlp", 64, "inductor", False)
+    assert args.modes == list(VARIANTS)
+    assert {"eager", "graph", "torch-eager", "torch-compile", "fwd-bwd-eager", "fwd-bwd-compile"} == set(VARIANTS)
+
+
+def test_options_parse():
+    args = parse(["--model", "mobilenet_v2", "--batch-size", "32", "--steps", "12", "--warmup", "2",
+                  "--modes", "eager", "graph", "--json", "out.json", "--plot", "out.png", "--backend", "aot_eager",
+                  "--compile-mode", "max-autotune", "--cold-cache"])
+    assert (args.model, args.batch_size, args.steps, args.warmup) == ("mobilenet_v2", 32, 12, 2)
+    assert args.modes == ["eager", "graph"]
+    assert (args.json, args.plot, args.backend, args.compile_mode, args.cold_cache) == (
+        "out.json", "out.png", "aot_eager", "max-autotune", True)
+    assert bench.command_line(args).startswith("dualmode bench --model mobilenet_v2 --batch-size 32 --steps 12")
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["--steps", "0"], "--steps: must be at least 1, got 0"),
+    (["--batch-size", "many"], "--batch-size: expected an integer, got 'many'"),
+    (["--warmup", "-1"], "--warmup: must be at least 0, got -1"),
+    (["--modes", "eager", "fast"], "--modes: invalid choice: 'fast'"),
+    (["--model", "resnet"], "--model: invalid choice: 'resnet'"),
+])
+def test_bad_options_name_the_option(argv, culprit, capsys):
+    with pytest.raises(SystemExit):
+        parse(argv)
+    assert culprit in capsys.readouterr().err
+
+
+def test_tiny_run_writes_json_with_every_variant_and_a_plot(tmp_path, capsys):
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert bench.run(parse(TINY + ["--json", str(out), "--plot", str(plot)])) == 0
+
+    result = json.loads(out.read_text())
+    assert result["schema"] == "dualmode-bench/1"
+    assert result["command"].startswith("dualmode bench --model mlp --batch-size 8 --steps 2 --warmup 1")
+    assert result["settings"]["backend"] == "aot_eager" and result["settings"]["steps"] == 2
+    for key in ("cpu_model", "cores", "usable_cores", "torch", "load_average_before", "load_average_after",
+                "foreign_load_timed_rounds"):
+        assert key in result["machine"], key
+    assert list(result["variants"]) == list(VARIANTS)
+    for name, v in result["variants"].items():
+        assert "error" not in v, name
+        assert len(v["times_ms"]) == 2
+        assert v["p10_ms"] <= v["median_ms"] <= v["p90_ms"]
+        assert v["samples_per_s"] > 0 and v["speedup_vs_eager"] > 0 and v["first_call_s"] > 0
+        assert v["cache_state"] == "none"  # aot_eager does not use inductor's caches
+        assert v["memory"]["peak_through_warmup_mb"] is not None
+        assert v["compiles"] == (1 if VARIANTS[name].compiles else 0), name
+        assert v["compiles_after_first_call"] == 0, name
+    assert result["variants"]["graph"]["trace_s"] > 0
+    targets = {t["target"]: t for t in result["targets"]}
+    assert targets["compiles in the run == 1"]["met"]
+    assert all({"target", "value", "limit", "met", "note"} <= set(t) for t in result["targets"])
+
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    table = capsys.readouterr().out
+    assert all(name in table for name in VARIANTS)
+
+
+def test_a_failing_variant_is_reported_by_name(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = TINY + ["--modes", "eager", "graph", "--backend", "no_such_backend", "--json", str(out)]
+    assert bench.run(parse(argv)) == 1
+    variants = json.loads(out.read_text())["variants"]
+    assert "error" not in variants["eager"] and variants["eager"]["median_ms"] > 0
+    assert variants["graph"]["error"].startswith("variant 'graph', setup: ")
+    assert "no_such_backend" in variants["graph"]["error"]
+    assert "graph            FAILED" in capsys.readouterr().out
