@@ -3,18 +3,21 @@
 1. The parts of `GraphRunner.run` (dualmode/graph.py) timed one by one, over many calls: building the
    `StepCall` (which walks the modules for their tensors), its cache key (`key_parts`), fetching the input
    slots, the compiled function, and unflattening the outputs; then the whole `step(x, y)` call.
-2. Inside the compiled function: cProfile of the graph-mode step, split into inductor's generated `call`
-   (the kernels) and everything around it (dynamo's guards, AOTAutograd's runtime wrappers).
-3. torch.profiler: the top operators by self CPU time in each mode.
+2. Inside the compiled function (torch.profiler): the time in inductor's compiled graph (the kernels), in
+   the whole compiled region (with AOTAutograd's runtime wrappers), and in dynamo's guards.
+3. Minor page faults per step in each mode: memory that glibc's allocator gave back to the OS after one step
+   and that the next step touches again.
+4. With --direct-backend: the same traced GraphModule compiled without dynamo, by calling inductor on it
+   directly (`compile_fx(gm, inputs)`), against `torch.compile(gm)` as graph mode does it: time per call.
+5. torch.profiler: the top operators by self CPU time in each mode.
 
-Run:  python benchmarks/profile_step.py [--model mlp|mobilenet_v2] [--batch-size 64] [--calls 30]
+Run:  python benchmarks/profile_step.py [--model mlp|mobilenet_v2] [--batch-size 64] [--calls 30] [--direct-backend]
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
-import pstats
+import resource
 import statistics
 import time
 
@@ -62,26 +65,51 @@ def run_parts(step, x, y, calls: int) -> dict[str, float]:
     }
 
 
-def kernel_share(step, x, y, calls: int) -> tuple[float, float]:
-    """(ms per call in inductor's generated `call`, ms per call in total) from cProfile of the step."""
-    profile = cProfile.Profile()
-    profile.enable()
+def compiled_split(prof, calls: int) -> dict[str, float]:
+    """ms per call in the compiled region, in inductor's compiled graph, and in dynamo's guards (cache lookup)."""
+    totals = {"compiled region (dynamo + AOTAutograd wrappers + graph)": "Torch-Compiled Region",
+              "inductor's compiled graph (kernels)": "## Call CompiledFxGraph",
+              "dynamo cache lookup (guards)": "TorchDynamo Cache Lookup"}
+    events = prof.key_averages()
+    return {what: sum(e.cpu_time_total for e in events if e.key.startswith(prefix)) / 1000 / calls
+            for what, prefix in totals.items()}
+
+
+def page_faults_per_call(step, x, y, calls: int) -> float:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(calls):
         step(x, y)
-    profile.disable()
-    stats = pstats.Stats(profile)
-    total = stats.total_tt
-    kernels = sum(v[3] for k, v in stats.stats.items()
-                  if k[2] == "call" and ("torchinductor" in k[0] or "inductor" in k[0] and k[0].endswith(".py")
-                                         and "/torch/" not in k[0]))
-    return 1000 * kernels / calls, 1000 * total / calls
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
-def top_ops(step, x, y, calls: int, rows: int) -> str:
+def compare_direct_backend(step, x, y, calls: int) -> None:
+    """Per-call time of the step's compiled graph: torch.compile(gm) (graph mode's way) vs compile_fx(gm)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    runner = step._graph
+    call = StepCall(step, step._phase(), (x, y), {})
+    compiled = runner._cache[tuple(call.key_parts().items())]
+    inputs = [call.fetch(slot, runner._scalars) for slot in compiled.slots]
+    start = time.perf_counter()
+    direct = compile_fx(step.graph_module, inputs)
+    print(f"compile_fx(gm, inputs): {time.perf_counter() - start:.2f} s to compile ({len(inputs)} inputs)")
+    fns = {"torch.compile(gm) (graph mode)": compiled.fn, "compile_fx(gm, inputs)": direct}
+    times = {name: [] for name in fns}
+    with torch.no_grad():
+        for _ in range(calls):  # interleaved, so that drift hits both alike
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn(*inputs)
+                times[name].append(1000 * (time.perf_counter() - start))
+    for name, t in times.items():
+        print(f"  {name:32s} median {statistics.median(t):9.3f} ms, min {min(t):9.3f} ms per call")
+
+
+def profile(step, x, y, calls: int):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(calls):
             step(x, y)
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    return prof
 
 
 def main() -> None:
@@ -90,6 +118,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--calls", type=int, default=30)
     parser.add_argument("--rows", type=int, default=12)
+    parser.add_argument("--direct-backend", action="store_true", help="also compile the graph with compile_fx")
     args = parser.parse_args()
     torch.set_num_threads(usable_cores())
     settings = BenchSettings(model=args.model, batch_size=args.batch_size)
@@ -108,13 +137,18 @@ def main() -> None:
     print("graph step, the parts of GraphRunner.run (median ms per call):")
     for part, ms in run_parts(steps["graph"], x, y, args.calls).items():
         print(f"  {part:44s} {ms:9.3f}" if part != "slots" else f"  input slots: {ms}")
-    inside, total = kernel_share(steps["graph"], x, y, args.calls)
-    print(f"cProfile of the graph step: {total:.2f} ms per call (profiled), of which {inside:.2f} ms in inductor's "
-          f"generated call() (the kernels), {total - inside:.2f} ms around it")
-    print(f"foreign load during the measurements: {load.stop()}")
+    profiles = {name: profile(step, x, y, args.calls) for name, step in steps.items()}
+    print("graph step under torch.profiler (ms per call):")
+    for what, ms in compiled_split(profiles["graph"], args.calls).items():
+        print(f"  {what:56s} {ms:9.3f}")
     for name, step in steps.items():
+        print(f"{name}: {page_faults_per_call(step, x, y, args.calls):.0f} minor page faults per step")
+    if args.direct_backend:
+        compare_direct_backend(steps["graph"], x, y, args.calls)
+    print(f"foreign load during the measurements: {load.stop()}")
+    for name, prof in profiles.items():
         print(f"\n-- torch.profiler, {name} mode, {args.calls} steps --")
-        print(top_ops(step, x, y, args.calls, args.rows))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Each run is written as <hardware>_<torch>_<compile mode>_<model>_b<batch>.json (and .png), e.g.
 cpu-2core_torch2.13.0_inductor_mobilenet_v2_b64.json. The runs use the shared inductor cache, so their first
 calls are cold only when the cache is (each file says, per variant); `--cold` adds one MobileNetV2 batch-64 run
-with an empty cache per variant (file name ending in _cold), for the cold first-call figures. Before each
+of the compiled variants with an empty cache each (file name ending in _cold), for the cold first-call figures. Before each
 run, the script waits (up to --max-wait seconds) for the machine to be quiet, since it may be shared.
 
 Run:  python benchmarks/run_all.py [--cold] [--only mlp_b64 ...] [--readme-only]
@@ -28,8 +28,10 @@ sys.path.insert(0, HERE)
 from results_readme import write_readme  # noqa: E402
 
 BACKEND = "inductor"
-STEPS = {"mlp": ("--steps", "30", "--warmup", "3"), "mobilenet_v2": ("--steps", "12", "--warmup", "2")}
+STEPS = {"mlp": ("--steps", "100", "--warmup", "2", "--burst", "10"), "mobilenet_v2": ("--steps", "12", "--warmup", "2")}
 RUNS = [("mlp", 32), ("mlp", 64), ("mobilenet_v2", 32), ("mobilenet_v2", 64)]
+# The cold run is there for the first calls: the compiled variants only, a few steps.
+COLD = ("--modes", "graph", "torch-compile", "fwd-bwd-compile", "--steps", "3", "--warmup", "1", "--cold-cache")
 
 
 def result_stem(model: str, batch: int, cold: bool = False) -> str:
@@ -57,8 +59,8 @@ def wait_until_quiet(threshold: float, max_wait_s: float) -> float | None:
 def record(model: str, batch: int, cold: bool, args: argparse.Namespace) -> int:
     """Run one configuration through `dualmode bench` and write its JSON and plot into results/."""
     stem = os.path.join(RESULTS, result_stem(model, batch, cold))
-    argv = ["--model", model, "--batch-size", str(batch), *STEPS[model], "--backend", BACKEND,
-            "--json", stem + ".json", "--plot", stem + ".png"] + (["--cold-cache"] if cold else [])
+    argv = ["--model", model, "--batch-size", str(batch), *(COLD if cold else STEPS[model]), "--backend", BACKEND,
+            "--json", stem + ".json", "--plot", stem + ".png"]
     parser = argparse.ArgumentParser(prog="dualmode bench")
     bench.add_arguments(parser)
     wait_until_quiet(args.quiet, args.max_wait)

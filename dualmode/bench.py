@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pause-ms", type=_at_least(0), default=PAUSE_MS,
                         help="idle time before each timed step, so that the threads of the variant that ran before "
                              f"have gone to sleep (default: {PAUSE_MS})")
+    parser.add_argument("--burst", type=_at_least(1), default=1,
+                        help="timed steps per variant per round, back to back; above 1, each turn starts with one "
+                             "untimed step (use it for steps of a few ms, which the pause would disturb; default: 1)")
     parser.add_argument("--cold-cache", action="store_true",
                         help="give each variant an empty inductor cache, so first calls compile from scratch")
 
@@ -135,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         for name in list(workers):
             _first_call(workers, results, name)
         times, machine["foreign_load_timed_rounds"] = _rounds(workers, results, args.warmup, args.steps,
-                                                                  args.pause_ms / 1000)
+                                                              args.pause_ms / 1000, args.burst)
         for name in list(workers):
             reply = _call(workers, results, name, "finish")
             if reply:
@@ -182,14 +185,18 @@ def _first_call(workers: dict, results: dict, name: str) -> None:
         _progress(f"{name}: first call {reply['first_call_s']:.2f} s (foreign load {reply['foreign_load']})")
 
 
-def _rounds(workers: dict, results: dict, warmup: int, steps: int, pause_s: float) -> tuple[dict, float | None]:
-    """Warm-up rounds, a memory mark, then timed rounds: one step per variant per round, rotating the start.
+def _rounds(workers: dict, results: dict, warmup: int, steps: int, pause_s: float,
+            burst: int) -> tuple[dict, float | None]:
+    """Warm-up rounds, a memory mark, then timed rounds: `burst` steps per variant per round, rotating the start.
+
+    With burst > 1, each variant's turn starts with one untimed step, which absorbs the wake-up after its pause.
 
     Returns the step times of each variant and the foreign load over the timed rounds.
     """
     times: dict[str, list[float]] = {name: [] for name in workers}
     load = ForeignLoad([w.process.pid for w in workers.values()])
-    for r in range(warmup + steps):
+    rounds = -(-steps // burst)
+    for r in range(warmup + rounds):
         if r == warmup:
             for name in list(workers):
                 _call(workers, results, name, "mark")
@@ -198,13 +205,13 @@ def _rounds(workers: dict, results: dict, warmup: int, steps: int, pause_s: floa
         order = names[r % len(names):] + names[:r % len(names)] if names else []
         for name in order:
             time.sleep(pause_s)
-            reply = _call(workers, results, name, "step")
+            reply = _call(workers, results, name, f"step {burst} {1 if burst > 1 else 0}")
             if reply and r >= warmup:
-                times[name].append(reply["s"])
+                times[name] += reply["s"]
         if r < warmup:
             _progress(f"warm-up round {r + 1}/{warmup}")
         else:
-            _progress(f"round {r - warmup + 1}/{steps}: " + ", ".join(
+            _progress(f"round {r - warmup + 1}/{rounds}: " + ", ".join(
                 f"{n} {times[n][-1] * 1000:.1f} ms" for n in names if n in workers and times[n]))
     return times, load.stop()
 
@@ -221,19 +228,21 @@ def _assemble(args: argparse.Namespace, settings: BenchSettings, machine: dict, 
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command_line(args),
         "settings": {**vars(settings), "steps": args.steps, "warmup": args.warmup, "modes": list(args.modes),
-                     "threads": args.threads, "pause_ms": args.pause_ms,
+                     "threads": args.threads, "pause_ms": args.pause_ms, "burst": args.burst,
                      "inductor_cache": "cold (empty per variant)" if args.cold_cache
                      else "shared (whatever the user's cache holds; see each variant's cache_state)"},
         "machine": machine,
         "notes": {
-            "timing": "one step per variant per round, round-robin; each time is one call of the step, in its "
-                      "worker process, perf_counter around the call",
+            "timing": "one turn per variant per round, round-robin, the first variant rotating; a turn is `burst` "
+                      "timed steps (after one untimed step when burst > 1); each time is one call of the step, "
+                      "in its worker process, perf_counter around the call",
             "foreign_load": "share of the machine's cores busy with processes other than this benchmark's "
                             "(from /proc/stat), over the timed rounds (machine) and over each first call",
             "first_call_s": "the first call of the step after building it: tracing, compiling and one step",
             "memory": "resident set size (Linux VmHWM) of the variant's own process, minus its RSS after the imports "
                       "(torch, torch._inductor) and a tiny warm-up backward, before the model was built; "
-                      "peak_timed_steps_mb is reset after warm-up",
+                      "peak_timed_steps_mb is reset after warm-up; page_faults_per_step: minor page faults per timed "
+                      "step (memory the allocator gave back to the OS and touched again)",
             "cache_state": "from torch's inductor counters: cold = compiled from scratch, warm = loaded from the "
                            "FX graph / AOTAutograd caches, none = nothing compiled with inductor",
         },
@@ -252,6 +261,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append(f"--compile-mode {args.compile_mode}")
     if args.model == "mlp" and args.hidden != 512:
         parts.append(f"--hidden {args.hidden}")
+    if args.burst != 1:
+        parts.append(f"--burst {args.burst}")
     if args.pause_ms != PAUSE_MS:
         parts.append(f"--pause-ms {args.pause_ms}")
     if args.seed:

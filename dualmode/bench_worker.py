@@ -5,7 +5,8 @@ Each variant gets its own process so that its memory is its own: the peak reside
 sends one command per line on stdin and reads one JSON reply per line; the reply channel is a copy of the
 original stdout, and stdout itself is pointed at stderr, so nothing torch prints can corrupt the replies.
 
-Commands: "setup" (build the step and make the first call, which compiles), "step" (time one call), "mark"
+Commands: "setup" (build the step and make the first call, which compiles), "step N U" (U untimed calls, then
+N timed calls back to back), "mark"
 (end of warm-up: note the peak so far and reset it), "finish" (report compiles, caches and memory; exit).
 """
 
@@ -75,6 +76,8 @@ class VariantProcess:
         self.compiles_after_first_call = 0
         self.peak_warmup_mb = None
         self.peak_reset = False
+        self.faults_at_mark = None
+        self.steps_since_mark = 0
 
     def setup(self) -> dict:
         from dualmode.bench_variants import make_batch
@@ -92,14 +95,23 @@ class VariantProcess:
             reply["trace_s"] = explain().compiles[0].trace_s
         return reply
 
-    def time_step(self) -> dict:
-        start = time.perf_counter()
-        self.step(*self.batch)
-        return {"s": time.perf_counter() - start}
+    def time_steps(self, timed: str = "1", untimed: str = "0") -> dict:
+        """Make `untimed` calls, then `timed` calls, each timed alone; return those times (seconds)."""
+        for _ in range(int(untimed)):
+            self.step(*self.batch)
+        times = []
+        for _ in range(int(timed)):
+            start = time.perf_counter()
+            self.step(*self.batch)
+            times.append(time.perf_counter() - start)
+        self.steps_since_mark += int(untimed) + int(timed)
+        return {"s": times}
 
     def mark(self) -> dict:
         self.peak_warmup_mb = peak_rss_mb() - self.baseline_mb
         self.peak_reset = reset_peak()
+        self.faults_at_mark = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        self.steps_since_mark = 0
         return {}
 
     def finish(self) -> dict:
@@ -107,6 +119,9 @@ class VariantProcess:
 
         compiles = self._compiles()
         peak_now = peak_rss_mb() - self.baseline_mb
+        faults = None
+        if self.faults_at_mark is not None and self.steps_since_mark:
+            faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.faults_at_mark) / self.steps_since_mark
         return {
             "compiles": compiles,
             "compiles_after_first_call": compiles - self.compiles_after_first_call,
@@ -122,6 +137,7 @@ class VariantProcess:
                 "peak_through_warmup_mb": self.peak_warmup_mb if self.peak_warmup_mb is not None else peak_now,
                 "peak_timed_steps_mb": peak_now if self.peak_reset else None,
                 "rss_end_mb": rss_mb() - self.baseline_mb,
+                "page_faults_per_step": faults,
             },
         }
 
@@ -161,15 +177,15 @@ def main(argv: list[str]) -> int:
         reply({"error": f"{type(error).__name__}: {error}"})
         return 1
     reply({"ready": True})
-    handlers = {"setup": process.setup, "step": process.time_step, "mark": process.mark, "finish": process.finish}
+    handlers = {"setup": process.setup, "step": process.time_steps, "mark": process.mark, "finish": process.finish}
     for line in sys.stdin:
-        command = line.strip()
+        command, *arguments = line.split()
         handler = handlers.get(command)
         if handler is None:
             reply({"error": f"unknown command {command!r}"})
             continue
         try:
-            reply(handler())
+            reply(handler(*arguments))
         except Exception as error:
             reply({"error": f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"})
         if command == "finish":

@@ -10,7 +10,7 @@ import pytest
 from dualmode import bench
 from dualmode.bench_variants import VARIANTS
 
-TINY = ["--model", "mlp", "--hidden", "16", "--batch-size", "8", "--steps", "2", "--warmup", "1",
+TINY = ["--model", "mlp", "--hidden", "16", "--batch-size", "8", "--steps", "2", "--warmup", "1", "--burst", "2",
         "--backend", "aot_eager", "--pause-ms", "0"]
 
 
@@ -29,6 +29,7 @@ def test_command_interface():
 def test_defaults_run_every_variant():
     args = parse([])
     assert (args.model, args.batch_size, args.backend, args.cold_cache) == ("mlp", 64, "inductor", False)
+    assert (args.burst, args.pause_ms, args.compile_mode) == (1, bench.PAUSE_MS, None)
     assert args.modes == list(VARIANTS)
     assert {"eager", "graph", "torch-eager", "torch-compile", "fwd-bwd-eager", "fwd-bwd-compile"} == set(VARIANTS)
 
@@ -48,6 +49,7 @@ def test_options_parse():
     (["--steps", "0"], "--steps: must be at least 1, got 0"),
     (["--batch-size", "many"], "--batch-size: expected an integer, got 'many'"),
     (["--warmup", "-1"], "--warmup: must be at least 0, got -1"),
+    (["--burst", "0"], "--burst: must be at least 1, got 0"),
     (["--modes", "eager", "fast"], "--modes: invalid choice: 'fast'"),
     (["--model", "resnet"], "--model: invalid choice: 'resnet'"),
 ])
@@ -65,6 +67,7 @@ def test_tiny_run_writes_json_with_every_variant_and_a_plot(tmp_path, capsys):
     assert result["schema"] == "dualmode-bench/1"
     assert result["command"].startswith("dualmode bench --model mlp --batch-size 8 --steps 2 --warmup 1")
     assert result["settings"]["backend"] == "aot_eager" and result["settings"]["steps"] == 2
+    assert result["settings"]["burst"] == 2
     for key in ("cpu_model", "cores", "usable_cores", "torch", "load_average_before", "load_average_after",
                 "foreign_load_timed_rounds"):
         assert key in result["machine"], key
@@ -76,6 +79,7 @@ def test_tiny_run_writes_json_with_every_variant_and_a_plot(tmp_path, capsys):
         assert v["samples_per_s"] > 0 and v["speedup_vs_eager"] > 0 and v["first_call_s"] > 0
         assert v["cache_state"] == "none"  # aot_eager does not use inductor's caches
         assert v["memory"]["peak_through_warmup_mb"] is not None
+        assert v["memory"]["page_faults_per_step"] >= 0
         assert v["compiles"] == (1 if VARIANTS[name].compiles else 0), name
         assert v["compiles_after_first_call"] == 0, name
     assert result["variants"]["graph"]["trace_s"] > 0
