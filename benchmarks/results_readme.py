@@ -27,9 +27,10 @@ def _variant_rows(result: dict) -> list[str]:
             rows.append(f"| {s['model']} | {s['batch_size']} | {variant} | failed: {v['error']} |||||||||")
             continue
         peak, speedup = v["memory"]["peak_timed_steps_mb"], v.get("speedup_vs_eager")
+        speedup = "-" if speedup is None else f"{speedup:.2f}x"
         rows.append(
             f"| {s['model']} | {s['batch_size']} | {variant} | {v['median_ms']:.1f} | "
-            f"{v['p10_ms']:.1f}-{v['p90_ms']:.1f} | {v['min_ms']:.1f} | {v['samples_per_s']:.0f} | {'-' if speedup is None else f'{speedup:.2f}x'} | "
+            f"{v['p10_ms']:.1f}-{v['p90_ms']:.1f} | {v['min_ms']:.1f} | {v['samples_per_s']:.0f} | {speedup} | "
             f"{v['first_call_s']:.1f} | {v['compiles']} | {v['cache_state']} | "
             f"{'-' if peak is None else f'{peak:.0f}'} | {m['foreign_load_timed_rounds']} |")
     return rows
@@ -57,8 +58,8 @@ def write_readme(results_dir: str, command: str) -> str:
         "trace + compile + one step in seconds, peak is the RSS growth of the variant's own process during the",
         "timed steps (MiB), foreign is the share of the cores other processes used meanwhile.",
         "",
-        "| model | batch | variant | median ms | p10-p90 ms | min ms | samples/s | vs eager | first call s | compiles | "
-        "cache | peak MiB | foreign |",
+        "| model | batch | variant | median ms | p10-p90 ms | min ms | samples/s | vs eager | first call s | "
+        "compiles | cache | peak MiB | foreign |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for _, result in results:

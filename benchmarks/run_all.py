@@ -3,8 +3,8 @@
 Each run is written as <hardware>_<torch>_<compile mode>_<model>_b<batch>.json (and .png), e.g.
 cpu-2core_torch2.13.0_inductor_mobilenet_v2_b64.json. The runs use the shared inductor cache, so their first
 calls are cold only when the cache is (each file says, per variant); `--cold` adds one MobileNetV2 batch-64 run
-of the compiled variants with an empty cache each (file name ending in _cold), for the cold first-call figures. Before each
-run, the script waits (up to --max-wait seconds) for the machine to be quiet, since it may be shared.
+of the compiled variants with an empty cache each (file name ending in _cold), for the cold first-call figures.
+Before each run, the script waits (up to --max-wait seconds) for the machine to be quiet, as it may be shared.
 
 Run:  python benchmarks/run_all.py [--cold] [--only mlp_b64 ...] [--readme-only]
 """
@@ -28,7 +28,8 @@ sys.path.insert(0, HERE)
 from results_readme import write_readme  # noqa: E402
 
 BACKEND = "inductor"
-STEPS = {"mlp": ("--steps", "100", "--warmup", "2", "--burst", "10"), "mobilenet_v2": ("--steps", "12", "--warmup", "2")}
+STEPS = {"mlp": ("--steps", "100", "--warmup", "2", "--burst", "10"),
+         "mobilenet_v2": ("--steps", "12", "--warmup", "2")}
 RUNS = [("mlp", 32), ("mlp", 64), ("mobilenet_v2", 32), ("mobilenet_v2", 64)]
 # The cold run is there for the first calls: the compiled variants only, a few steps.
 COLD = ("--modes", "graph", "torch-compile", "fwd-bwd-compile", "--steps", "3", "--warmup", "1", "--cold-cache")
