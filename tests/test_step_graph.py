@@ -82,14 +82,14 @@ def test_recompile_limit_raises_instead_of_falling_back():
         step(x[:3], y[:3])
 
 
-def test_many_instances_each_keep_their_own_compiled_step(monkeypatch):
+def test_many_instances_each_keep_their_own_compiled_step():
     # With dynamo's per-code-object cache limit at 1, a shared cache would raise (fullgraph=True) on the 2nd.
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     (x, y), = batches(1)
     steps = [make_step() for _ in range(3)]
-    for step in steps:
-        step(x, y)
-        step(x, y)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for step in steps:
+            step(x, y)
+            step(x, y)
     assert [s.compile_count for s in steps] == [1, 1, 1]
 
 
