@@ -29,6 +29,8 @@ class StepConfig:
         max_recompiles: how many recompiles graph mode accepts before it raises `RecompileLimitError`.
         check_finite: raise `FloatingPointError` when the loss is not finite; the update of that step is
             skipped (parameters and optimizer state unchanged) in both modes.
+        recompute_activations: graph mode with inductor recomputes cheap activations (BatchNorm, ReLU6, ...)
+            in the backward instead of keeping them from the forward (remat.py): same numbers, less memory.
     """
 
     autocast_dtype: torch.dtype | None = None
@@ -38,6 +40,7 @@ class StepConfig:
     compile_options: dict[str, Any] = field(default_factory=_default_compile_options)
     max_recompiles: int = 8
     check_finite: bool = False
+    recompute_activations: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -62,6 +65,9 @@ class StepConfig:
         if unknown:
             raise ValueError(f"config.compile_options has unknown keys {sorted(unknown)}; "
                              "allowed: backend, mode, dynamic, options")
+        for name in ("check_finite", "recompute_activations"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"config.{name} must be True or False, got {getattr(self, name)!r}")
         r = self.max_recompiles
         if not isinstance(r, int) or isinstance(r, bool) or r < 0:
             raise ValueError(f"config.max_recompiles must be an int >= 0, got {r!r}")

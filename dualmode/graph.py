@@ -11,6 +11,9 @@ What is baked into the graph: each group's `lr_scale`, the optimizer's switches 
 shapes and dtypes, which parameters are trainable, train/eval mode, and the config. What stays a runtime
 input: each group's lr and its other numeric hyperparameters, so schedulers never recompile. The baked parts
 form the cache key; a change compiles a new graph, with a warning that names what changed.
+
+With inductor, the compile runs `remat.RecomputePass` as a post-grad pass: it recomputes cheap activations in
+the backward, as AOTAutograd's partitioner does for `torch.compile(model)` (see remat.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from torch.utils._pytree import tree_unflatten
 
 from dualmode.inputs import StepCall
+from dualmode.remat import RecomputePass, installed
 from dualmode.trace import trace_step
 
 FIRST = "first call"
@@ -46,6 +50,7 @@ class CompileRecord:
     first_call_s: float = 0.0
     nodes: int = 0
     inputs: int = 0
+    recompute: str = "off"
 
 
 @dataclass
@@ -55,6 +60,7 @@ class _Compiled:
     out_spec: object
     out_consts: list
     record: CompileRecord
+    recompute_pass: RecomputePass | None = None
 
 
 @dataclass
@@ -76,7 +82,8 @@ class Explanation:
                  f"compiles: {len(self.compiles)}, recompiles: {len(self.recompiles)}"]
         for i, r in enumerate(self.compiles):
             lines.append(f"  {i + 1}. [{r.phase}] {r.reason}: {r.nodes} ops, {r.inputs} inputs, "
-                         f"trace {r.trace_s:.2f} s, first call (compile + run) {r.first_call_s:.2f} s")
+                         f"trace {r.trace_s:.2f} s, first call (compile + run) {r.first_call_s:.2f} s; "
+                         f"recomputed in the backward: {r.recompute}")
         return "\n".join(lines)
 
 
@@ -143,12 +150,27 @@ class GraphRunner:
         if compiled is None:
             compiled = self._cache[key] = self._compile(call, parts)
         inputs = [call.fetch(slot, self._scalars) for slot in compiled.slots]
-        start = time.perf_counter()
-        with torch.no_grad():
-            outs = compiled.fn(*inputs)
-        if not compiled.record.first_call_s:
-            compiled.record.first_call_s = time.perf_counter() - start
+        if compiled.record.first_call_s:
+            with torch.no_grad():
+                outs = compiled.fn(*inputs)
+        else:
+            outs = self._first_call(compiled, inputs)
         return tree_unflatten(list(outs) + compiled.out_consts, compiled.out_spec)
+
+    @staticmethod
+    def _first_call(compiled: _Compiled, inputs: list):
+        """The call that compiles: with the recompute pass installed in inductor's config while it runs."""
+        start = time.perf_counter()
+        recompute = compiled.recompute_pass
+        with installed(recompute), torch.no_grad():
+            outs = compiled.fn(*inputs)
+        compiled.record.first_call_s = time.perf_counter() - start
+        if recompute is not None:
+            # The pass does not run when inductor's FX graph cache supplies the compiled graph.
+            runs = recompute.rewritten
+            compiled.record.recompute = (f"{sum(runs)} activations (inductor post-grad pass)" if runs else
+                                         "as compiled before (graph loaded from inductor's cache)")
+        return outs
 
     def _compile(self, call: StepCall, parts: dict) -> _Compiled:
         owner, config = call.owner, call.owner.config
@@ -176,7 +198,14 @@ class GraphRunner:
         self.records.append(record)
         self._last_parts[call.phase] = parts
         self.graph_module = gm
-        return _Compiled(fn, [slots[i] for i in used], tracer.out_spec, tracer.out_consts, record)
+        recompute = None
+        if not config.recompute_activations:
+            record.recompute = "off (config.recompute_activations=False)"
+        elif options.get("backend", "inductor") != "inductor":
+            record.recompute = f"off (backend {options['backend']!r}: the pass runs in inductor)"
+        else:
+            recompute = RecomputePass()
+        return _Compiled(fn, [slots[i] for i in used], tracer.out_spec, tracer.out_consts, record, recompute)
 
     def _reason(self, phase: str, parts: dict) -> str:
         last = self._last_parts.get(phase)
