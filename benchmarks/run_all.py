@@ -19,6 +19,7 @@ import time
 import torch
 
 from dualmode import bench
+from dualmode.bench_variants import DEFAULT_VARIANTS
 from dualmode.bench_machine import ForeignLoad
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -29,7 +30,8 @@ from results_readme import write_readme  # noqa: E402
 
 BACKEND = "inductor"
 STEPS = {"mlp": ("--steps", "100", "--warmup", "2", "--burst", "10"),
-         "mobilenet_v2": ("--steps", "12", "--warmup", "2")}
+         # graph-no-recompute: graph mode without remat.py's pass, in the same interleaved run.
+         "mobilenet_v2": ("--steps", "12", "--warmup", "2", "--modes", *DEFAULT_VARIANTS, "graph-no-recompute")}
 RUNS = [("mlp", 32), ("mlp", 64), ("mobilenet_v2", 32), ("mobilenet_v2", 64)]
 # The cold run is there for the first calls: the compiled variants only, a few steps.
 COLD = ("--modes", "graph", "torch-compile", "fwd-bwd-compile", "--steps", "3", "--warmup", "1", "--cold-cache")

@@ -22,7 +22,7 @@ import torch
 
 from dualmode import bench_report
 from dualmode.bench_machine import ForeignLoad, machine_info, usable_cores
-from dualmode.bench_variants import MODELS, VARIANTS, BenchSettings
+from dualmode.bench_variants import DEFAULT_VARIANTS, MODELS, VARIANTS, BenchSettings
 
 PAUSE_MS = 50
 NAME = "bench"
@@ -49,8 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=_at_least(1), default=20, help="timed steps per variant (default: 20)")
     parser.add_argument("--warmup", type=_at_least(0), default=3,
                         help="untimed steps per variant after the first call (default: 3)")
-    parser.add_argument("--modes", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="VARIANT",
-                        help=f"variants to run (default: all): {', '.join(VARIANTS)}")
+    parser.add_argument("--modes", nargs="+", choices=list(VARIANTS), default=list(DEFAULT_VARIANTS),
+                        metavar="VARIANT", help=f"variants to run: {', '.join(VARIANTS)} "
+                        f"(default: all but {', '.join(sorted(set(VARIANTS) - set(DEFAULT_VARIANTS)))})")
     parser.add_argument("--json", metavar="FILE", help="write settings, machine and all results as JSON")
     parser.add_argument("--plot", metavar="FILE", help="draw a bar chart of the step times (needs matplotlib)")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (default: inductor)")
@@ -255,7 +256,7 @@ def command_line(args: argparse.Namespace) -> str:
     """The `dualmode bench` command that repeats this run (threads and seed only when not the default)."""
     parts = ["dualmode bench", f"--model {args.model}", f"--batch-size {args.batch_size}", f"--steps {args.steps}",
              f"--warmup {args.warmup}", f"--backend {args.backend}"]
-    if args.modes != list(VARIANTS):
+    if args.modes != list(DEFAULT_VARIANTS):
         parts.append("--modes " + " ".join(args.modes))
     if args.compile_mode:
         parts.append(f"--compile-mode {args.compile_mode}")

@@ -91,15 +91,15 @@ def format_table(result: dict) -> str:
              f"load average {result['machine']['load_average_before'][0]:.2f} -> "
              f"{result['machine']['load_average_after'][0]:.2f}, foreign load over the timed rounds "
              f"{result['machine']['foreign_load_timed_rounds']}",
-             f"{'variant':16} {'median ms':>10} {'p10-p90 ms':>17} {'samples/s':>10} {'vs eager':>9} "
+             f"{'variant':18} {'median ms':>10} {'p10-p90 ms':>17} {'samples/s':>10} {'vs eager':>9} "
              f"{'first call s':>13} {'compiles':>9} {'cache':>6} {'peak MiB':>9}"]
     for name, v in result["variants"].items():
         if "error" in v:
-            lines.append(f"{name:16} FAILED: {v['error']}")
+            lines.append(f"{name:18} FAILED: {v['error']}")
             continue
         speedup = f"{v['speedup_vs_eager']:.2f}x" if v.get("speedup_vs_eager") else "-"
         peak = v["memory"]["peak_timed_steps_mb"]
-        lines.append(f"{name:16} {v['median_ms']:10.1f} {v['p10_ms']:8.1f}-{v['p90_ms']:<8.1f} "
+        lines.append(f"{name:18} {v['median_ms']:10.1f} {v['p10_ms']:8.1f}-{v['p90_ms']:<8.1f} "
                      f"{v['samples_per_s']:10.1f} {speedup:>9} {v['first_call_s']:13.2f} {v['compiles']:9d} "
                      f"{v['cache_state']:>6} {'-' if peak is None else f'{peak:.0f}':>9}")
     for t in result["targets"]:

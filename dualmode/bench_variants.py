@@ -95,10 +95,10 @@ class BenchStep(dm.TrainGraph):
         return loss
 
 
-def _dualmode_step(mode: str) -> Callable[[BenchSettings], Callable]:
+def _dualmode_step(mode: str, recompute: bool = True) -> Callable[[BenchSettings], Callable]:
     def make(settings: BenchSettings) -> Callable:
         model = make_model(settings)
-        config = dm.StepConfig(compile_options=settings.compile_options)
+        config = dm.StepConfig(compile_options=settings.compile_options, recompute_activations=recompute)
         return BenchStep(model, make_sgd(make_groups(model)), mode=mode, config=config)
 
     return make
@@ -143,4 +143,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             _torch_step(compiled=False, update=False)),
     Variant("fwd-bwd-compile", "forward and backward only, no update, torch.compile(model): the floor of a "
             "compiled step", _torch_step(compiled=True, update=False), compiles=True),
+    Variant("graph-no-recompute", "graph mode with config.recompute_activations=False: what the recompute pass "
+            "(remat.py) buys", _dualmode_step("graph", recompute=False), compiles=True),
 )}
+# What a plain `dualmode bench` runs; the others are there to be asked for with --modes.
+DEFAULT_VARIANTS = ("eager", "graph", "torch-eager", "torch-compile", "fwd-bwd-eager", "fwd-bwd-compile")
