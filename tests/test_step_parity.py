@@ -24,6 +24,14 @@ OPTIMIZERS = {
                                              initial_accumulator_value=0.1),
 }
 
+class WarmupInverseSqrt(sched.LRScheduler):
+    """A scheduler of the user's own: linear warm-up over 2 steps, then decay as 1/sqrt(step)."""
+
+    def get_lr(self):
+        s = max(self.last_epoch, 1)
+        return [base * min(s / 2, (2 / s) ** 0.5) for base in self.base_lrs]
+
+
 SCHEDULERS = {
     "none": lambda o: None,
     "step": lambda o: sched.StepLR(o, step_size=2, gamma=0.5),
@@ -39,6 +47,7 @@ SCHEDULERS = {
     "chained": lambda o: sched.ChainedScheduler([sched.ConstantLR(o, factor=0.5, total_iters=2),
                                                  sched.ExponentialLR(o, gamma=0.9)]),
     "plateau": lambda o: sched.ReduceLROnPlateau(o, factor=0.5, patience=0, threshold=10.0),
+    "custom": lambda o: WarmupInverseSqrt(o),
 }
 
 N_STEPS = 5
@@ -113,3 +122,11 @@ def test_effective_lr_is_lr_times_lr_scale_after_one_sgd_step():
             grad = reference.get_parameter(name).grad
             expected = before[name] if grad is None else before[name] - 1e-3 * group["lr_scale"] * grad
             torch.testing.assert_close(model.get_parameter(name).detach(), expected, rtol=1e-12, atol=1e-15)
+
+
+def test_a_scheduler_of_the_users_own_follows_its_closed_form_in_graph_mode():
+    step, _, lrs = run("graph", OPTIMIZERS["sgd"], SCHEDULERS["custom"])
+    base = 0.1  # every group of tiny_groups takes the optimizer's lr
+    expected = [base * min((i + 1) / 2, (2 / (i + 1)) ** 0.5) for i in range(N_STEPS)]
+    assert lrs == [[pytest.approx(lr, rel=1e-12)] * 3 for lr in expected]
+    assert step.compile_count == 1
