@@ -107,10 +107,10 @@ def _describe_change(name: str, old, new) -> str:
             o = old_d.get(n[0])
             if o is None:
                 return f"new parameter or buffer {n[0]!r}"
-            if o[4] != n[4]:
-                return f"requires_grad of {n[0]!r} changed: {o[4]} -> {n[4]}"
-            if o != n:
-                return f"shape, dtype or device of {n[0]!r} changed"
+            fields = (("requires_grad", 4), ("shape", 1), ("dtype", 2), ("device", 3), ("strides", 5))
+            changed = [f"{field} of {n[0]!r} changed: {o[i]} -> {n[i]}" for field, i in fields if o[i] != n[i]]
+            if changed:
+                return changed[0]
         return "parameters or buffers were removed"
     if name == "groups":
         if len(old) != len(new):

@@ -34,7 +34,8 @@ class StepTensors:
                     self.is_param.append(is_param)
 
     def signature(self) -> tuple:
-        return tuple((n, tuple(t.shape), t.dtype, t.device, t.requires_grad)
+        # Strides too: the compiled kernels are specialised to each tensor's memory layout (channels_last, ...).
+        return tuple((n, tuple(t.shape), t.dtype, t.device, t.requires_grad, tuple(t.stride()))
                      for n, t in zip(self.names, self.tensors))
 
 

@@ -362,3 +362,22 @@ def test_a_step_that_reads_tensor_values_is_refused_with_a_pointer_to_eager_mode
     step.mode = "eager"
     step(x, y)
     assert step.step_count == 1
+
+
+def test_a_new_memory_layout_of_a_parameter_recompiles_with_its_name_and_matches_eager():
+    results = {}
+    for mode in ("eager", "graph"):
+        step = make_step(mode, optimizer=lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9))
+        for i, (x, y) in enumerate(batches(3)):
+            if i == 1:  # the same values, stored transposed (as .to(memory_format=...) does for convolutions)
+                w = step.model.fc1.weight
+                w.data = w.data.t().contiguous().t()
+            if mode == "graph" and i == 1:
+                with pytest.warns(dm.RecompileWarning, match=r"strides of 'model.fc1.weight' changed: "
+                                                             r"\(6, 1\) -> \(1, 8\)"):
+                    step(x, y)
+            else:
+                step(x, y)
+        results[mode] = snapshot(step)
+    assert step.compile_count == 2
+    assert_same_state(results["eager"], results["graph"])
