@@ -23,7 +23,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import dualmode as dm
-from dualmode.models import mlp
+from dualmode.apps.models import mlp
 
 LR, MOMENTUM = 0.01, 0.9
 

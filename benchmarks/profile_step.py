@@ -24,9 +24,9 @@ import time
 import torch
 from torch.utils._pytree import tree_unflatten
 
-from dualmode.bench_machine import ForeignLoad, usable_cores
-from dualmode.bench_variants import BenchSettings, VARIANTS, make_batch
-from dualmode.inputs import StepCall
+from dualmode.apps.bench.machine import ForeignLoad, usable_cores
+from dualmode.apps.bench.variants import BenchSettings, VARIANTS, make_batch
+from dualmode.graph.inputs import StepCall
 
 
 def median_ms(fn, calls: int) -> float:

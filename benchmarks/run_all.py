@@ -19,8 +19,8 @@ import time
 import torch
 
 from dualmode import bench
-from dualmode.bench_variants import DEFAULT_VARIANTS
-from dualmode.bench_machine import ForeignLoad
+from dualmode.apps.bench.variants import DEFAULT_VARIANTS
+from dualmode.apps.bench.machine import ForeignLoad
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")

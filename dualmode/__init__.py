@@ -1,15 +1,17 @@
-"""dualmode: per-layer learning rates for PyTorch, eager or compiled, from one definition."""
+"""dualmode: per-layer learning rates for PyTorch, eager or compiled, from one definition.
 
-from dualmode.config import StepConfig
-from dualmode.graph import Explanation
-from dualmode.graph import RecompileLimitError
-from dualmode.graph import RecompileWarning
-from dualmode.describe import describe
-from dualmode.groups import param_groups
-from dualmode.step import TrainGraph
-from dualmode.trace import TraceError
+`import dualmode` loads torch but neither dynamo nor inductor: graph mode imports them on its first call.
+"""
 
-__version__ = "0.1.0"
+from dualmode._version import __version__
+from dualmode.graph.report import Explanation
+from dualmode.graph.report import RecompileLimitError
+from dualmode.graph.report import RecompileWarning
+from dualmode.graph.report import TraceError
+from dualmode.groups.describe import describe
+from dualmode.groups.resolver import param_groups
+from dualmode.step.config import StepConfig
+from dualmode.step.train_graph import TrainGraph
 
 __all__ = [
     "Explanation",

@@ -1,5 +1,5 @@
 import sys
 
-from dualmode.cli import main
+from dualmode.apps.cli import main
 
 sys.exit(main())

@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 
 import dualmode as dm
-from dualmode.data import load_dataset
-from dualmode.models import mobilenet_v2
+from dualmode.apps.data import load_dataset
+from dualmode.apps.models import mobilenet_v2
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--data", metavar="DIR", help="CIFAR-10 directory (default: the built-in digits)")

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from dualmode import bench
-from dualmode.bench_variants import VARIANTS
+from dualmode.apps.bench import command as bench
+from dualmode.apps.bench.variants import VARIANTS
 
 TINY = ["--model", "mlp", "--hidden", "16", "--batch-size", "8", "--steps", "2", "--warmup", "1", "--burst", "2",
         "--backend", "aot_eager", "--pause-ms", "0"]

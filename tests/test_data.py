@@ -12,15 +12,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dualmode.data import ImageDataset
-from dualmode.data import builtin_dataset
-from dualmode.data import cifar10
-from dualmode.data import load_dataset
-from dualmode.data.cifar import ARCHIVE_MD5
-from dualmode.data.cifar import ARCHIVE_NAME
-from dualmode.data.cifar import CIFAR10_MEAN
-from dualmode.data.cifar import CIFAR10_STD
-from dualmode.data.cifar import FOLDER_NAME
+from dualmode.apps.data import ImageDataset
+from dualmode.apps.data import builtin_dataset
+from dualmode.apps.data import cifar10
+from dualmode.apps.data import load_dataset
+from dualmode.apps.data.cifar import ARCHIVE_MD5
+from dualmode.apps.data.cifar import ARCHIVE_NAME
+from dualmode.apps.data.cifar import CIFAR10_MEAN
+from dualmode.apps.data.cifar import CIFAR10_STD
+from dualmode.apps.data.cifar import FOLDER_NAME
 
 TRAIN_NAMES = [f"data_batch_{i}" for i in range(1, 6)]
 PER_BATCH = 3
@@ -264,5 +264,5 @@ def test_docstring_example_runs():
     import doctest
     import importlib
 
-    result = doctest.testmod(importlib.import_module("dualmode.data.load"))
+    result = doctest.testmod(importlib.import_module("dualmode.apps.data.load"))
     assert result.failed == 0 and result.attempted > 0

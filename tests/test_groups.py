@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from dualmode.groups import param_groups
+from dualmode.groups.resolver import param_groups
 
 # (selector built from the seed network, names of the parameters it must select, in model order)
 SELECTORS = {

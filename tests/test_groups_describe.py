@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import dualmode as dm
-from dualmode.describe import describe
-from dualmode.groups import param_groups
+from dualmode.groups.describe import describe
+from dualmode.groups.resolver import param_groups
 
 SEED_RULES = [
     {"params": "fc2.bias", "lr_scale": 20.0, "weight_decay": 0.0},

@@ -15,7 +15,7 @@ def test_guide_examples_run():
 
 
 def test_describe_docstring_runs():
-    result = doctest.testmod(importlib.import_module("dualmode.describe"))
+    result = doctest.testmod(importlib.import_module("dualmode.groups.describe"))
     assert result.attempted > 0 and result.failed == 0
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dualmode.groups import param_groups
+from dualmode.groups.resolver import param_groups
 
 NOT_FINITE_POSITIVE = [0, -1.0, float("nan"), float("inf"), "2", True, None, torch.tensor(2.0)]
 

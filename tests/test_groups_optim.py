@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from dualmode.describe import describe
-from dualmode.groups import param_groups
+from dualmode.groups.describe import describe
+from dualmode.groups.resolver import param_groups
 
 OPTIMIZERS = {
     "SGD": lambda groups: torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4),

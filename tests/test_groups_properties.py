@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dualmode.groups import param_groups
+from dualmode.groups.resolver import param_groups
 
 # The fixtures' models are only read by param_groups, so sharing one across examples is safe.
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from dualmode.models import MobileNetV2
-from dualmode.models import mlp
-from dualmode.models import mobilenet_v2
+from dualmode.apps.models import MobileNetV2
+from dualmode.apps.models import mlp
+from dualmode.apps.models import mobilenet_v2
 
 # torchvision's ImageNet MobileNetV2 (width 1.0, 1000 classes) has 3,504,872 parameters, the figure in
 # its weights table (and the paper's "3.4M"). Its classifier is Linear(1280, 1000): 1,281,000 of them.
@@ -157,6 +157,6 @@ def test_docstring_examples_run():
     import importlib
 
     # By module path: the package re-exports functions with the same names as these modules.
-    for name in ("dualmode.models.mobilenet_v2", "dualmode.models.mlp"):
+    for name in ("dualmode.apps.models.mobilenet_v2", "dualmode.apps.models.mlp"):
         result = doctest.testmod(importlib.import_module(name))
         assert result.failed == 0 and result.attempted > 0

@@ -16,7 +16,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn import functional as F
 
 import dualmode as dm
-from dualmode.remat import recompute_pointwise
+from dualmode.graph.remat import recompute_pointwise
 from steps import assert_same_state, snapshot
 
 CHANNELS, SIDE, BATCH = 16, 16, 8  # 32768 elements per activation, above remat.MIN_ELEMENTS

@@ -18,11 +18,11 @@ import time
 import pytest
 import torch
 
-from dualmode import cli
-from dualmode.tutorial_eval import recalibrate_batchnorm
-from dualmode.tutorial_progress import Console
-from dualmode.tutorial_report import summary_table
-from dualmode.tutorial_train import (GRAPH_LR_SCALES, ModeResult, adjust_learning_rate, resolve_groups,
+from dualmode.apps import cli
+from dualmode.apps.tutorial.evaluate import recalibrate_batchnorm
+from dualmode.apps.tutorial.progress import Console
+from dualmode.apps.tutorial.report import summary_table
+from dualmode.apps.tutorial.train import (GRAPH_LR_SCALES, ModeResult, adjust_learning_rate, resolve_groups,
                                      tutorial_model, tutorial_rules)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +32,7 @@ LOSS_LINE = re.compile(r"^loss: +\d+\.\d{6}  \[ +0/ +1437\]$", re.MULTILINE)
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
-    """`dualmode.cli.main(argv)` in this process; (exit code, stdout, stderr)."""
+    """`dualmode.apps.cli.main(argv)` in this process; (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dualmode as dm
-from dualmode.models import mobilenet_v2
+from dualmode.apps.models import mobilenet_v2
 from steps import FAST
 
 

@@ -64,7 +64,7 @@ class VariantProcess:
     def __init__(self, name: str, settings: dict, threads: int):
         import torch
 
-        from dualmode.bench_variants import VARIANTS, BenchSettings
+        from dualmode.apps.bench.variants import VARIANTS, BenchSettings
 
         torch.set_num_threads(threads)
         _load_lazily_loaded_parts(torch)
@@ -80,7 +80,7 @@ class VariantProcess:
         self.steps_since_mark = 0
 
     def setup(self) -> dict:
-        from dualmode.bench_variants import make_batch
+        from dualmode.apps.bench.variants import make_batch
 
         start = time.perf_counter()
         self.step = self.variant.make(self.settings)

@@ -15,12 +15,10 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from dualmode import updates
-from dualmode.outputs import loss_of
-
-
-class TraceError(RuntimeError):
-    """build() could not be traced in graph mode."""
+from dualmode.graph import updates
+from dualmode.graph.report import TraceError
+from dualmode.step import policy
+from dualmode.step.outputs import loss_of
 
 
 def trace_step(call, slots: list[tuple], examples: list[torch.Tensor]):
@@ -31,7 +29,7 @@ def trace_step(call, slots: list[tuple], examples: list[torch.Tensor]):
     except (TraceError, TypeError, ValueError):
         raise
     except Exception as error:
-        name = type(call.owner).__name__
+        name = call.step.name
         cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise TraceError(
             f"graph mode could not trace {name}.build(). A step that needs Python values of tensors (.item(), "
@@ -75,7 +73,7 @@ class StepTracer:
                     stand_in.requires_grad_(True)
         by_id = {id(t): s for t, s in zip(originals, stand_ins)}
         with swapped(call.tensors.modules, by_id), (torch.enable_grad() if train else torch.no_grad()):
-            out = call.owner._run_build(args, kwargs)
+            out = call.step.run_build(args, kwargs)
         if train:
             self._update(values, stand_ins, out)
         return self._outputs(out)
@@ -92,7 +90,7 @@ class StepTracer:
         return ()
 
     def _update(self, values: dict, stand_ins: list, out) -> None:
-        call, config = self.call, self.call.owner.config
+        call, config = self.call, self.call.step.config
         members = []  # (group index, tensor index) of each parameter that got a gradient
         for gi, group in enumerate(call.groups):
             for p in group["params"]:
@@ -100,8 +98,7 @@ class StepTracer:
                 if p.requires_grad and stand_ins[ti].grad is not None:
                     members.append((gi, ti))
         if not members:
-            raise RuntimeError(f"{type(call.owner).__name__}.build() left no gradient on any parameter of the "
-                               "optimizer: call loss.backward() inside build()")
+            raise policy.no_gradient_error(call.step.name)
         loss = loss_of(out)
         ok = torch.isfinite(loss.detach()).all() if (config.check_finite and loss is not None) else None
         with torch.no_grad():
@@ -125,28 +122,18 @@ class StepTracer:
         if rule.lazy:
             state["has_buffer"] = values[("has_buffer", gi, ti)]
         hyper = {name: values[("hyper", gi, name)] for name in rule.hyper}
-        lr = values[("hyper", gi, "lr")] * float(group.get("lr_scale", 1.0))  # lr_scale: a baked constant
+        lr = policy.scaled_lr(values[("hyper", gi, "lr")], group, gi)  # lr_scale: a baked constant
         new_param, new_state = rule.update(param, grad, state, hyper, lr, flags)
         write(param, new_param, ok)
         for k, v in new_state.items():
             write(state[k], v, ok)
 
     def _clipped(self, grads: dict, members: list) -> dict:
-        """Clip per group where the group has clip_grad_max_norm, and the rest together by the config."""
-        config, groups = self.call.owner.config, self.call.groups
-        by_clip: dict[tuple, list[int]] = {}
-        for gi, ti in members:
-            g = groups[gi]
-            if g.get("clip_grad_max_norm") is not None:
-                key = (gi, g["clip_grad_max_norm"], g.get("clip_grad_norm_type", 2.0))
-            elif config.clip_grad_max_norm is not None:
-                key = (-1, config.clip_grad_max_norm, config.clip_grad_norm_type)
-            else:
-                continue
-            by_clip.setdefault(key, []).append(ti)
+        """Clip as eager mode does: the sets of groups of `policy.clip_sets`, each to one total norm."""
         grads = dict(grads)
-        for (_, max_norm, norm_type), tis in by_clip.items():
-            clipped = updates.clip_grads([grads[ti] for ti in tis], float(max_norm), float(norm_type))
+        for clip in policy.clip_sets(self.call.groups, self.call.step.config):
+            tis = [ti for gi, ti in members if gi in clip.groups]
+            clipped = updates.clip_grads([grads[ti] for ti in tis], clip.max_norm, clip.norm_type)
             grads.update(zip(tis, clipped))
         return grads
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from dualmode.tutorial_train import ModeResult
+from dualmode.apps.tutorial.train import ModeResult
 
 LAST_STEPS = 10
 

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import dualmode as dm
-from dualmode.models import mobilenet_v2
+from dualmode.apps.models import mobilenet_v2
 
 GROUPED_MODULES = ("features", "adaptive_avg_pool2d", "classifier")
 EAGER_LR_RATIOS = (1.0, 0.1, 0.01)  # the tutorial's 1e-3, 1e-4, 1e-5 for a base lr of 1e-3

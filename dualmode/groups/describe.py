@@ -31,7 +31,7 @@ def describe(obj, *, model=None) -> str:
 
     Example:
         >>> from torch import nn
-        >>> from dualmode.describe import describe
+        >>> from dualmode import describe
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> print(describe([{"params": model[2].parameters(), "lr": 0.1},
         ...                 {"params": list(model[0].parameters()), "lr": 0.01, "lr_scale": 2.0}], model=model))

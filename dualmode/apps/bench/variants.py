@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import dualmode as dm
-from dualmode.models import mlp, mobilenet_v2
+from dualmode.apps.models import mlp, mobilenet_v2
 
 LR, MOMENTUM = 0.01, 0.9
 MODELS = ("mlp", "mobilenet_v2")

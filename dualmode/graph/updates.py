@@ -12,7 +12,6 @@ that change the shape of the computation (nesterov, amsgrad, a zero momentum) ar
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -238,11 +237,3 @@ def clip_grads(grads: list[Tensor], max_norm: float, norm_type: float) -> list[T
     total = total_grad_norm(grads, norm_type)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     return [g * coef.to(g.dtype) for g in grads]
-
-
-def check_clip_settings(max_norm, norm_type, where: str) -> None:
-    """ValueError naming `where` unless max_norm is a positive number and norm_type a positive norm or inf."""
-    if not (isinstance(max_norm, (int, float)) and math.isfinite(max_norm) and max_norm > 0):
-        raise ValueError(f"{where}: clip max norm must be a finite positive number, got {max_norm!r}")
-    if not (isinstance(norm_type, (int, float)) and (norm_type > 0 or math.isinf(norm_type))):
-        raise ValueError(f"{where}: clip norm type must be a positive number or inf, got {norm_type!r}")

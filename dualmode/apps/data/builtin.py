@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from dualmode.data.dataset import ImageDataset
-from dualmode.data.dataset import normalize_
+from dualmode.apps.data.dataset import ImageDataset
+from dualmode.apps.data.dataset import normalize_
 
 __all__ = ["DIGIT_CLASSES", "builtin_dataset"]
 

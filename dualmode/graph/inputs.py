@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_flatten
 
-from dualmode import updates
+from dualmode.graph import updates
+from dualmode.step.view import StepView
 
 
 class StepTensors:
@@ -48,12 +49,12 @@ def _leaf_signature(v) -> tuple:
 class StepCall:
     """One call of a step in graph mode: what it is given, its cache key, and its input slots."""
 
-    def __init__(self, owner, phase: str, args: tuple, kwargs: dict):
-        self.owner, self.phase = owner, phase
-        self.modules = owner._modules_of_step()
+    def __init__(self, step: StepView, phase: str, args: tuple, kwargs: dict):
+        self.step, self.phase = step, phase
+        self.modules = step.modules
         self.tensors = StepTensors(self.modules)
         self.leaves, self.in_spec = tree_flatten((args, kwargs))
-        self.optimizer = owner.optimizer
+        self.optimizer = step.optimizer
         self.rule = None
         self._hyper_cache: dict[int, dict[str, float]] = {}
         if self.optimizer is not None:
@@ -71,7 +72,7 @@ class StepCall:
                 if id(p) not in self.tensors.index:
                     raise ValueError(
                         f"param group {gi}, parameter {pi} (shape {tuple(p.shape)}) is not a parameter of any "
-                        f"module of {type(self.owner).__name__}; graph mode updates only parameters of the "
+                        f"module of {self.step.name}; graph mode updates only parameters of the "
                         "nn.Module attributes of the step")
 
     @property
@@ -80,7 +81,7 @@ class StepCall:
 
     def key_parts(self) -> dict:
         """What the compiled step depends on, by name; a change in any part compiles a new variant."""
-        config = self.owner.config
+        config = self.step.config
         parts = {
             "phase": self.phase,
             "inputs": (str(self.in_spec), tuple(_leaf_signature(v) for v in self.leaves)),

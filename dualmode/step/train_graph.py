@@ -1,7 +1,7 @@
 """TrainGraph: one training step, defined once by `build()`, run eagerly or as one compiled graph.
 
 Eager mode runs `build()` and then the optimizer's own `step()` with each group's lr multiplied by its
-`lr_scale` for the length of that call: torch.optim itself is the ground truth. Graph mode (graph.py) traces
+`lr_scale` for the length of that call: torch.optim itself is the ground truth. Graph mode (dualmode.graph) traces
 the same `build()` and an equivalent update into one compiled graph. Everything that outlives a call (the
 parameters, the optimizer's state and param groups, the scheduler, the step count, gradients being
 accumulated) lives in the ordinary PyTorch objects, so the mode can change between any two calls.
@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 
 import torch
 from torch import nn
 
-from dualmode import updates
-from dualmode.config import StepConfig
-from dualmode.graph import Explanation, GraphRunner
-from dualmode.outputs import detached, loss_of
+from dualmode.graph.report import Explanation
+from dualmode.step import policy
+from dualmode.step.config import StepConfig
+from dualmode.step.outputs import detached, loss_of
+from dualmode.step.view import StepView
 
 MODES = ("graph", "eager")
 
@@ -57,7 +57,7 @@ class TrainGraph:
         self.lr_scheduler = None
         self.step_count = 0
         self._micro_steps = 0
-        self._graph = GraphRunner()
+        self._graph = None  # the GraphRunner, made on the first graph-mode call (it loads dynamo and inductor)
         self.mode = mode
 
     # Definition -------------------------------------------------------------------------------------------
@@ -84,8 +84,7 @@ class TrainGraph:
                 raise TypeError(f"lr_sch must be a torch.optim.lr_scheduler object, got {type(lr_sch).__name__}")
             if getattr(lr_sch, "optimizer", None) is not optimizer:
                 raise ValueError(f"lr_sch ({type(lr_sch).__name__}) was built on another optimizer than the one given")
-        for i, group in enumerate(optimizer.param_groups):
-            _lr_scale(group, i)
+        policy.check_groups(optimizer.param_groups)
         self.optimizer = optimizer
         self.lr_scheduler = lr_sch
 
@@ -100,11 +99,10 @@ class TrainGraph:
         self._check_ready()
         phase = self._phase()
         if self._mode == "graph":
-            out = self._graph.run(self, phase, args, kwargs)
+            out = self._graph_runner().run(self._view(), phase, args, kwargs)
             self._check_finite(out, "the compiled step kept parameters and optimizer state unchanged")
             if phase in ("step", "apply"):
-                # What torch.optim's step wrapper records, so that schedulers know the update ran.
-                self.optimizer._opt_called = True
+                policy.mark_stepped(self.optimizer)
             if phase == "apply":
                 self.optimizer.zero_grad(set_to_none=True)
         else:
@@ -116,11 +114,17 @@ class TrainGraph:
         if not self._modules_of_step():
             raise ValueError(f"{type(self).__name__} has no nn.Module attribute: assign the model in __init__")
         if self.optimizer is not None:
-            for i, group in enumerate(self.optimizer.param_groups):
-                _lr_scale(group, i)
-                if group.get("clip_grad_max_norm") is not None:
-                    updates.check_clip_settings(group["clip_grad_max_norm"], group.get("clip_grad_norm_type", 2.0),
-                                                f"param group {i}")
+            policy.check_groups(self.optimizer.param_groups)
+
+    def _graph_runner(self):
+        if self._graph is None:
+            from dualmode.graph.runner import GraphRunner
+
+            self._graph = GraphRunner()
+        return self._graph
+
+    def _view(self) -> StepView:
+        return StepView(type(self).__name__, self._modules_of_step(), self.optimizer, self.config, self._run_build)
 
     def _phase(self) -> str:
         """eval (no optimizer), step (update now), accumulate (add gradients only) or apply (add, then update)."""
@@ -142,8 +146,7 @@ class TrainGraph:
         with torch.enable_grad():
             out = self._run_build(args, kwargs)
         if all(p.grad is None for p in params):
-            raise RuntimeError(f"{type(self).__name__}.build() left no gradient on any parameter of the "
-                               "optimizer: call loss.backward() inside build()")
+            raise policy.no_gradient_error(type(self).__name__)
         try:
             self._check_finite(out, "the update was skipped and gradients restored")
         except FloatingPointError:
@@ -174,15 +177,11 @@ class TrainGraph:
                                      f"{what_happened}")
 
     def _clip_eager(self) -> None:
-        rest = []
-        for group in self.optimizer.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if group.get("clip_grad_max_norm") is not None:
-                nn.utils.clip_grad_norm_(params, group["clip_grad_max_norm"], group.get("clip_grad_norm_type", 2.0))
-            else:
-                rest += params
-        if self.config.clip_grad_max_norm is not None and rest:
-            nn.utils.clip_grad_norm_(rest, self.config.clip_grad_max_norm, self.config.clip_grad_norm_type)
+        groups = self.optimizer.param_groups
+        for clip in policy.clip_sets(groups, self.config):
+            params = [p for i in clip.groups for p in groups[i]["params"] if p.grad is not None]
+            if params:
+                nn.utils.clip_grad_norm_(params, clip.max_norm, clip.norm_type)
 
     def _finish(self, phase: str, out):
         out = detached(out)
@@ -216,26 +215,28 @@ class TrainGraph:
     @property
     def compile_count(self) -> int:
         """How many times graph mode traced and compiled the step so far (0 in eager mode)."""
-        return self._graph.compile_count
+        return 0 if self._graph is None else self._graph.compile_count
 
     @property
     def graph_module(self) -> torch.fx.GraphModule | None:
         """The traced step (forward, backward and update) last compiled; None before the first graph call."""
-        return self._graph.graph_module
+        return None if self._graph is None else self._graph.graph_module
 
     @property
     def effective_lrs(self) -> list[float]:
         """The lr each group is updated with at the next step: group["lr"] x group["lr_scale"]."""
         if self.optimizer is None:
             return []
-        return [float(g["lr"]) * _lr_scale(g, i) for i, g in enumerate(self.optimizer.param_groups)]
+        return [policy.effective_lr(g, i) for i, g in enumerate(self.optimizer.param_groups)]
 
     def explain(self) -> Explanation:
         """What graph mode compiled: graphs, breaks, compiles and the reason of each recompile."""
+        if self._graph is None:
+            return Explanation(self._mode)
         return Explanation(self._mode, list(self._graph.records), self._graph.graphs)
 
     def __repr__(self) -> str:
-        from dualmode.describe import describe
+        from dualmode.groups.describe import describe
 
         return describe(self)
 
@@ -279,20 +280,12 @@ class TrainGraph:
         self._micro_steps = int(state.get("micro_steps", 0))
 
 
-def _lr_scale(group: dict, index: int) -> float:
-    """The group's lr_scale (1.0 if absent); ValueError naming the group unless it is a finite positive number."""
-    scale = group.get("lr_scale", 1.0)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"param group {index}: lr_scale must be a finite positive number, got {scale!r}")
-    return float(scale)
-
-
 @contextlib.contextmanager
 def _effective_lr(optimizer: torch.optim.Optimizer):
     """For the length of one optimizer.step(): group["lr"] becomes lr x lr_scale, then exactly what it was."""
     saved = [g["lr"] for g in optimizer.param_groups]
     for i, group in enumerate(optimizer.param_groups):
-        group["lr"] = group["lr"] * _lr_scale(group, i)
+        group["lr"] = policy.scaled_lr(group["lr"], group, i)
     try:
         yield
     finally:

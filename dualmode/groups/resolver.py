@@ -9,20 +9,16 @@ rule's index, or ``"default"``). See ``docs/param_groups.md``.
 from __future__ import annotations
 
 import fnmatch
-import math
-import numbers
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+
 import torch
 from torch import nn
 
-_RESERVED = {
-    "names": "param_groups writes it",
-    "rule": "param_groups writes it",
-    "param_names": "it is torch's key; with it torch refuses a later plain add_param_group",
-}
+from dualmode.groups.checks import check_hyper, check_layer_args, check_no_weight_decay, check_rules
+
 _KEPT = "; its group is kept, empty, so that groups line up with the rules"
 
 
@@ -66,7 +62,7 @@ def param_groups(model, rules=(), *, default=None, no_weight_decay=False, layer_
 
     Example:
         >>> from torch import nn
-        >>> from dualmode.groups import param_groups
+        >>> from dualmode import param_groups
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> groups = param_groups(model, [{"params": "2.*", "lr_scale": 10.0}], default={"lr_scale": 1.0})
         >>> [(g["names"], g["lr_scale"]) for g in groups]
@@ -74,10 +70,10 @@ def param_groups(model, rules=(), *, default=None, no_weight_decay=False, layer_
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    checked = _check_rules(rules)
-    default_hyper, default_scale = _check_hyper({} if default is None else default, "default", has_params=False)
-    no_decay_globs = _check_no_weight_decay(no_weight_decay)
-    _check_layer_args(layer_decay, layers)
+    checked = check_rules(rules)
+    default_hyper, default_scale = check_hyper({} if default is None else default, "default", has_params=False)
+    no_decay_globs = check_no_weight_decay(no_weight_decay)
+    check_layer_args(layer_decay, layers)
     if not isinstance(strict, bool):
         raise TypeError(f"strict must be True or False, got {strict!r}")
 
@@ -291,61 +287,6 @@ def _group(index, keys, hyper, scale, rule, no_decay):
     group["lr_scale"] = float(scale)
     group["rule"] = rule
     return group
-
-
-def _check_rules(rules):
-    """Return [(selector, hyperparameters, lr_scale)], or raise before anything is resolved."""
-    if isinstance(rules, Mapping):
-        raise TypeError("rules is a dict; pass a list of dicts, e.g. [{'params': 'fc2.*', 'lr_scale': 10.0}]")
-    if isinstance(rules, (str, bytes, set, frozenset)) or not isinstance(rules, Iterable):
-        raise TypeError(f"rules must be a list of dicts, got {type(rules).__name__}")
-    checked = []
-    for i, rule in enumerate(rules):
-        if not isinstance(rule, Mapping):
-            raise TypeError(f"rule {i} is a {type(rule).__name__}, not a dict with a 'params' key")
-        hyper, scale = _check_hyper(rule, f"rule {i}", has_params=True)
-        checked.append((rule["params"], hyper, scale))
-    return checked
-
-
-def _check_hyper(hyper, where, *, has_params):
-    """Split a rule (or ``default``) into its hyperparameters and its checked lr_scale."""
-    if not isinstance(hyper, Mapping):
-        raise TypeError(f"{where} must be a dict, got {type(hyper).__name__}")
-    if has_params and "params" not in hyper:
-        raise ValueError(f"{where} has no 'params' key (the selector)")
-    if not has_params and "params" in hyper:
-        raise ValueError(f"{where} holds hyperparameters only; its parameters are those no rule selects")
-    for key, why in _RESERVED.items():
-        if key in hyper:
-            raise ValueError(f"{where}: remove the key {key!r} ({why})")
-    scale = hyper.get("lr_scale", 1.0)
-    _check_positive(scale, f"{where}: lr_scale")
-    return {k: v for k, v in hyper.items() if k not in ("params", "lr_scale")}, float(scale)
-
-
-def _check_positive(value, what):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{what} must be a finite positive number, got {value!r}")
-
-
-def _check_no_weight_decay(no_weight_decay):
-    if isinstance(no_weight_decay, bool):
-        return []
-    globs = [no_weight_decay] if isinstance(no_weight_decay, str) else no_weight_decay
-    if not isinstance(globs, (list, tuple)) or not all(isinstance(g, str) for g in globs):
-        raise TypeError(f"no_weight_decay must be True, False, a glob or a list of globs, got {no_weight_decay!r}")
-    return list(globs)
-
-
-def _check_layer_args(layer_decay, layers):
-    if layer_decay is not None:
-        _check_positive(layer_decay, "layer_decay")
-    if layers is not None:
-        if layer_decay is None:
-            raise ValueError("layers= is used only by layer_decay; pass layer_decay too")
-        if not isinstance(layers, (list, tuple)):
-            raise TypeError(f"layers must be a list of selectors, got {type(layers).__name__}")
 
 
 def _in_order(keys, index):

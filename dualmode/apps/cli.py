@@ -12,7 +12,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Per-layer learning rates for PyTorch, in eager mode and in a compiled graph mode.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    from dualmode import bench, tutorial
+    from dualmode.apps.bench import command as bench
+    from dualmode.apps.tutorial import command as tutorial
 
     for module in (tutorial, bench):
         sub = commands.add_parser(module.NAME, help=module.HELP, description=module.HELP)

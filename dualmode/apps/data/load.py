@@ -1,8 +1,8 @@
 """One entry point for the tutorial and benchmarks: CIFAR-10 when a directory is given, else the built-in set."""
 
-from dualmode.data.builtin import builtin_dataset
-from dualmode.data.cifar import cifar10
-from dualmode.data.dataset import ImageDataset
+from dualmode.apps.data.builtin import builtin_dataset
+from dualmode.apps.data.cifar import cifar10
+from dualmode.apps.data.dataset import ImageDataset
 
 __all__ = ["load_dataset"]
 

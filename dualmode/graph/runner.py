@@ -20,38 +20,16 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.utils._pytree import tree_unflatten
 
-from dualmode.inputs import StepCall
-from dualmode.remat import RecomputePass, installed
-from dualmode.trace import trace_step
-
-FIRST = "first call"
-
-
-class RecompileWarning(UserWarning):
-    """Graph mode compiled the step again; the message names what changed."""
-
-
-class RecompileLimitError(RuntimeError):
-    """Graph mode recompiled more often than `config.max_recompiles` allows."""
-
-
-@dataclass
-class CompileRecord:
-    """One compile of the step: why, and what it cost."""
-
-    phase: str
-    reason: str
-    trace_s: float
-    first_call_s: float = 0.0
-    nodes: int = 0
-    inputs: int = 0
-    recompute: str = "off"
-
+from dualmode.graph.inputs import StepCall
+from dualmode.graph.report import FIRST, CompileRecord, RecompileLimitError, RecompileWarning
+from dualmode.graph.remat import RecomputePass, installed
+from dualmode.graph.trace import trace_step
+from dualmode.step.view import StepView
 
 @dataclass
 class _Compiled:
@@ -61,30 +39,6 @@ class _Compiled:
     out_consts: list
     record: CompileRecord
     recompute_pass: RecomputePass | None = None
-
-
-@dataclass
-class Explanation:
-    """What graph mode compiled, as `TrainGraph.explain()` reports it. `print()` it for a summary."""
-
-    mode: str
-    compiles: list[CompileRecord] = field(default_factory=list)
-    graphs: int = 0
-
-    @property
-    def recompiles(self) -> list[str]:
-        return [r.reason for r in self.compiles if r.reason != FIRST]
-
-    def __str__(self) -> str:
-        lines = [f"mode: {self.mode}",
-                 f"compiled graphs: {self.graphs} (one per cached variant of the step)",
-                 "graph breaks: 0 (each graph is compiled with fullgraph=True, so a break would raise)",
-                 f"compiles: {len(self.compiles)}, recompiles: {len(self.recompiles)}"]
-        for i, r in enumerate(self.compiles):
-            lines.append(f"  {i + 1}. [{r.phase}] {r.reason}: {r.nodes} ops, {r.inputs} inputs, "
-                         f"trace {r.trace_s:.2f} s, first call (compile + run) {r.first_call_s:.2f} s; "
-                         f"recomputed in the backward: {r.recompute}")
-        return "\n".join(lines)
 
 
 def _describe_change(name: str, old, new) -> str:
@@ -141,9 +95,9 @@ class GraphRunner:
     def graphs(self) -> int:
         return len(self._cache)
 
-    def run(self, owner, phase: str, args: tuple, kwargs: dict):
+    def run(self, step: StepView, phase: str, args: tuple, kwargs: dict):
         """Run one call of the step in graph mode; return build()'s outputs (detached)."""
-        call = StepCall(owner, phase, args, kwargs)
+        call = StepCall(step, phase, args, kwargs)
         parts = call.key_parts()
         key = tuple(parts.items())
         compiled = self._cache.get(key)
@@ -173,17 +127,17 @@ class GraphRunner:
         return outs
 
     def _compile(self, call: StepCall, parts: dict) -> _Compiled:
-        owner, config = call.owner, call.owner.config
+        name, config = call.step.name, call.step.config
         reason = self._reason(call.phase, parts)
         recompiles = sum(r.reason != FIRST for r in self.records)
         if reason != FIRST:
             if recompiles >= config.max_recompiles:
                 raise RecompileLimitError(
-                    f"{type(owner).__name__}: graph mode must recompile because {reason}, but the "
+                    f"{name}: graph mode must recompile because {reason}, but the "
                     f"{recompiles} recompiles allowed by config.max_recompiles={config.max_recompiles} are "
                     "used up. Keep shapes fixed (drop_last=True or pad the last batch), set lr_scale before the "
                     "first call, or raise config.max_recompiles.")
-            warnings.warn(f"{type(owner).__name__}: graph mode recompiles the step because {reason} "
+            warnings.warn(f"{name}: graph mode recompiles the step because {reason} "
                           f"(recompile {recompiles + 1} of at most {config.max_recompiles})",
                           RecompileWarning, stacklevel=4)
         slots = call.slots()

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dualmode.data.dataset import ImageDataset
-from dualmode.data.dataset import normalize_
+from dualmode.apps.data.dataset import ImageDataset
+from dualmode.apps.data.dataset import normalize_
 
 __all__ = ["ARCHIVE_MD5", "ARCHIVE_NAME", "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "FOLDER_NAME", "cifar10"]
 

@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from dualmode import bench_report
-from dualmode.bench_machine import ForeignLoad, machine_info, usable_cores
-from dualmode.bench_variants import DEFAULT_VARIANTS, MODELS, VARIANTS, BenchSettings
+from dualmode.apps.bench import report as bench_report
+from dualmode.apps.bench.machine import ForeignLoad, machine_info, usable_cores
+from dualmode.apps.bench.variants import DEFAULT_VARIANTS, MODELS, VARIANTS, BenchSettings
 
 PAUSE_MS = 50
 NAME = "bench"
@@ -89,7 +89,7 @@ class Worker:
         if cache_dir is not None:
             env["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dualmode.bench_worker", name, json.dumps(vars(settings)), str(threads)],
+            [sys.executable, "-m", "dualmode.apps.bench.worker", name, json.dumps(vars(settings)), str(threads)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     def ask(self, command: str | None) -> dict:

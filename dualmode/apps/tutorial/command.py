@@ -17,11 +17,11 @@ import sys
 
 import torch
 
-from dualmode.data import load_dataset
-from dualmode.tutorial_progress import Console
-from dualmode.tutorial_report import plot_losses, summary_table
-from dualmode.tutorial_eval import evaluate
-from dualmode.tutorial_train import TutorialSettings, train, tutorial_model
+from dualmode.apps.data import load_dataset
+from dualmode.apps.tutorial.progress import Console
+from dualmode.apps.tutorial.report import plot_losses, summary_table
+from dualmode.apps.tutorial.evaluate import evaluate
+from dualmode.apps.tutorial.train import TutorialSettings, train, tutorial_model
 
 NAME = "tutorial"
 HELP = ("OneFlow's layer-wise learning-rate tutorial: MobileNetV2 with per-group lrs (eager mode) or lr_scale "

@@ -1,0 +1,1 @@
+"""`dualmode bench`: command.py (arguments, run), variants.py, worker.py (one process per variant), machine.py, report.py."""

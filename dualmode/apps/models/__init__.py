@@ -1,0 +1,11 @@
+"""Models for the tutorial and the benchmarks (written here: there is no torchvision)."""
+
+from dualmode.apps.models.mlp import mlp
+from dualmode.apps.models.mobilenet_v2 import MobileNetV2
+from dualmode.apps.models.mobilenet_v2 import mobilenet_v2
+
+__all__ = [
+    "MobileNetV2",
+    "mlp",
+    "mobilenet_v2",
+]

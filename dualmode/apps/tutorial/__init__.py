@@ -1,0 +1,1 @@
+"""`dualmode tutorial`: command.py (arguments, run), train.py, evaluate.py, progress.py, report.py."""
