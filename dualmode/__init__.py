@@ -3,7 +3,7 @@
 `import dualmode` loads torch but neither dynamo nor inductor: graph mode imports them on its first call.
 """
 
-from dualmode._version import __version__
+from dualmode._version import __version__ as __version__
 from dualmode.graph.report import Explanation
 from dualmode.graph.report import RecompileLimitError
 from dualmode.graph.report import RecompileWarning

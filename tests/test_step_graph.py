@@ -381,3 +381,15 @@ def test_a_new_memory_layout_of_a_parameter_recompiles_with_its_name_and_matches
         results[mode] = snapshot(step)
     assert step.compile_count == 2
     assert_same_state(results["eager"], results["graph"])
+
+
+def test_a_switch_change_recompiles_naming_the_switch_by_name():
+    model = tiny_net()
+    optimizer = torch.optim.SGD(tiny_groups(model), lr=0.1)
+    step = Step(model, optimizer)
+    (x, y), = batches(1)
+    step(x, y)
+    optimizer.param_groups[1]["momentum"] = 0.9
+    with pytest.warns(dm.RecompileWarning, match=r"param group 1 changed its switches: momentum: False -> True"):
+        step(x, y)
+    assert step.compile_count == 2

@@ -12,6 +12,8 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from dualmode.graph import updates
+from dualmode.graph.slots import (ArgSlot, GradSlot, GroupSignature, HasBufferSlot, HyperSlot, Slot, StateSlot,
+                                   TensorSignature, TensorSlot, input_signature)
 from dualmode.step.view import StepView
 
 
@@ -34,16 +36,10 @@ class StepTensors:
                     self.names.append(f"{attr}.{name}")
                     self.is_param.append(is_param)
 
-    def signature(self) -> tuple:
+    def signature(self) -> tuple[TensorSignature, ...]:
         # Strides too: the compiled kernels are specialised to each tensor's memory layout (channels_last, ...).
-        return tuple((n, tuple(t.shape), t.dtype, t.device, t.requires_grad, tuple(t.stride()))
+        return tuple(TensorSignature(n, tuple(t.shape), t.dtype, t.device, t.requires_grad, tuple(t.stride()))
                      for n, t in zip(self.names, self.tensors))
-
-
-def _leaf_signature(v) -> tuple:
-    if isinstance(v, torch.Tensor):
-        return ("tensor", tuple(v.shape), tuple(v.stride()), v.dtype, v.device)
-    return ("const", repr(v))
 
 
 class StepCall:
@@ -84,7 +80,7 @@ class StepCall:
         config = self.step.config
         parts = {
             "phase": self.phase,
-            "inputs": (str(self.in_spec), tuple(_leaf_signature(v) for v in self.leaves)),
+            "inputs": (str(self.in_spec), tuple(input_signature(v) for v in self.leaves)),
             "tensors": self.tensors.signature(),
             "training": tuple(m.training for module in self.tensors.modules for m in module.modules()),
             "config": (config.autocast_dtype, config.clip_grad_max_norm, config.clip_grad_norm_type,
@@ -94,69 +90,64 @@ class StepCall:
         if self.optimizer is not None:
             index = self.tensors.index
             parts["groups"] = tuple(
-                (tuple(index[id(p)] for p in g["params"]), self.rule.flags(g),
-                 (g.get("clip_grad_max_norm"), g.get("clip_grad_norm_type", 2.0)))
+                GroupSignature(tuple(index[id(p)] for p in g["params"]), self.rule.flags(g),
+                               (g.get("clip_grad_max_norm"), g.get("clip_grad_norm_type", 2.0)))
                 for g in self.groups)
             parts["lr_scale"] = tuple(float(g.get("lr_scale", 1.0)) for g in self.groups)
         return parts
 
-    def slots(self) -> list[tuple]:
+    def slots(self) -> list[Slot]:
         """The inputs of the traced step, in order; each slot says where its tensor comes from."""
-        slots = [("tensor", i) for i in range(len(self.tensors.tensors))]
-        slots += [("arg", k) for k, v in enumerate(self.leaves) if isinstance(v, torch.Tensor)]
+        slots: list[Slot] = [TensorSlot(i) for i in range(len(self.tensors.tensors))]
+        slots += [ArgSlot(k) for k, v in enumerate(self.leaves) if isinstance(v, torch.Tensor)]
         if self.optimizer is None:
             return slots
         for gi, group in enumerate(self.groups):
-            slots += [("hyper", gi, name) for name in ("lr",) + self.rule.hyper]
+            slots += [HyperSlot(gi, name) for name in ("lr",) + self.rule.hyper]
             flags = self.rule.flags(group)
             for p in group["params"]:
                 if not p.requires_grad:
                     continue
                 ti = self.tensors.index[id(p)]
                 if self.rule.lazy:
-                    slots.append(("has_buffer", gi, ti))
-                slots += [("state", gi, ti, k) for k in self.rule.state(flags, p, group)]
+                    slots.append(HasBufferSlot(gi, ti))
+                slots += [StateSlot(gi, ti, k) for k in self.rule.state(flags, p, group)]
                 if self.phase in ("accumulate", "apply"):
-                    slots.append(("grad", gi, ti))
+                    slots.append(GradSlot(gi, ti))
         return slots
 
-    def example(self, slot: tuple, scalars: dict) -> torch.Tensor:
+    def example(self, slot: Slot, scalars: dict) -> torch.Tensor:
         """A tensor to trace the slot with; unlike `fetch`, it creates no optimizer state and no gradient."""
-        kind = slot[0]
-        if kind == "state":
-            _, gi, ti, key = slot
-            p, group = self.tensors.tensors[ti], self.groups[gi]
-            existing = self.optimizer.state.get(p, {}).get(key)
-            return existing if existing is not None else self.rule.state(self.rule.flags(group), p, group)[key]
-        if kind == "grad":
-            p = self.tensors.tensors[slot[2]]
+        if isinstance(slot, StateSlot):
+            p, group = self.tensors.tensors[slot.tensor], self.groups[slot.group]
+            existing = self.optimizer.state.get(p, {}).get(slot.key)
+            return existing if existing is not None else self.rule.state(self.rule.flags(group), p, group)[slot.key]
+        if isinstance(slot, GradSlot):
+            p = self.tensors.tensors[slot.tensor]
             return p.grad if p.grad is not None else torch.zeros_like(p)
         return self.fetch(slot, scalars)
 
-    def fetch(self, slot: tuple, scalars: dict) -> torch.Tensor:
+    def fetch(self, slot: Slot, scalars: dict) -> torch.Tensor:
         """The real tensor of one slot at call time; creates optimizer state the way torch.optim would."""
-        kind = slot[0]
-        if kind == "tensor":
-            t = self.tensors.tensors[slot[1]]
-            return t.detach() if self.tensors.is_param[slot[1]] else t
-        if kind == "arg":
-            return self.leaves[slot[1]]
-        if kind == "hyper":
-            _, gi, name = slot
-            return _scalar(scalars, slot, torch.float64).fill_(self._hyper(gi)[name])
-        if kind == "has_buffer":
-            p = self.tensors.tensors[slot[2]]
+        if isinstance(slot, TensorSlot):
+            t = self.tensors.tensors[slot.index]
+            return t.detach() if self.tensors.is_param[slot.index] else t
+        if isinstance(slot, ArgSlot):
+            return self.leaves[slot.index]
+        if isinstance(slot, HyperSlot):
+            return _scalar(scalars, slot, torch.float64).fill_(self._hyper(slot.group)[slot.name])
+        if isinstance(slot, HasBufferSlot):
+            p = self.tensors.tensors[slot.tensor]
             has = self.optimizer.state.get(p, {}).get(self.rule.lazy) is not None
             return _scalar(scalars, slot, torch.bool).fill_(has)
-        if kind == "state":
-            _, gi, ti, key = slot
-            p, group = self.tensors.tensors[ti], self.groups[gi]
+        if isinstance(slot, StateSlot):
+            p, group = self.tensors.tensors[slot.tensor], self.groups[slot.group]
             state = self.optimizer.state[p]
-            if state.get(key) is None:
-                state[key] = self.rule.state(self.rule.flags(group), p, group)[key]
-            return state[key]
-        if kind == "grad":
-            p = self.tensors.tensors[slot[2]]
+            if state.get(slot.key) is None:
+                state[slot.key] = self.rule.state(self.rule.flags(group), p, group)[slot.key]
+            return state[slot.key]
+        if isinstance(slot, GradSlot):
+            p = self.tensors.tensors[slot.tensor]
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             return p.grad
@@ -169,7 +160,7 @@ class StepCall:
         return self._hyper_cache[gi]
 
 
-def _scalar(scalars: dict, key: tuple, dtype: torch.dtype) -> torch.Tensor:
+def _scalar(scalars: dict, key: Slot, dtype: torch.dtype) -> torch.Tensor:
     # One persistent 0-d tensor per runtime scalar, refilled at each call.
     t = scalars.get(key)
     if t is None:

@@ -42,7 +42,7 @@ class _Compiled:
 
 
 def _describe_change(name: str, old, new) -> str:
-    """A short sentence naming what changed between two compiled variants."""
+    """A short sentence naming what changed between two compiled variants (fields read by name)."""
     if name == "lr_scale":
         diffs = [f"group {i}: {a} -> {b}" for i, (a, b) in enumerate(zip(old, new)) if a != b]
         return "lr_scale changed (" + ", ".join(diffs or [f"{len(old)} -> {len(new)} groups"]) + ")"
@@ -52,29 +52,38 @@ def _describe_change(name: str, old, new) -> str:
             return "the structure of the inputs changed"
         for i, (a, b) in enumerate(zip(old_leaves, new_leaves)):
             if a != b:
-                if a[0] == b[0] == "tensor" and a[1] != b[1]:
-                    return f"new input shape: input {i} {a[1]} -> {b[1]}"
-                return f"input {i} changed: {a[1:]} -> {b[1:]}"
+                if a.kind == b.kind == "tensor" and a.shape != b.shape:
+                    return f"new input shape: input {i} {a.shape} -> {b.shape}"
+                return f"input {i} changed: {_fields_changed(a, b)}"
     if name == "tensors":
-        old_d = {o[0]: o for o in old}
+        old_by_name = {o.name: o for o in old}
         for n in new:
-            o = old_d.get(n[0])
+            o = old_by_name.get(n.name)
             if o is None:
-                return f"new parameter or buffer {n[0]!r}"
-            fields = (("requires_grad", 4), ("shape", 1), ("dtype", 2), ("device", 3), ("strides", 5))
-            changed = [f"{field} of {n[0]!r} changed: {o[i]} -> {n[i]}" for field, i in fields if o[i] != n[i]]
-            if changed:
-                return changed[0]
+                return f"new parameter or buffer {n.name!r}"
+            for field in ("requires_grad", "shape", "dtype", "device", "strides"):
+                if getattr(o, field) != getattr(n, field):
+                    return f"{field} of {n.name!r} changed: {getattr(o, field)} -> {getattr(n, field)}"
         return "parameters or buffers were removed"
     if name == "groups":
         if len(old) != len(new):
             return f"param groups changed: {len(old)} -> {len(new)} groups (add_param_group?)"
         for i, (a, b) in enumerate(zip(old, new)):
-            if a != b:
-                return f"param group {i} changed (its parameters or its switches: {a[2]} -> {b[2]})"
+            if a.params != b.params:
+                return f"param group {i} changed its parameters: {len(a.params)} -> {len(b.params)} tensors"
+            if a.switches != b.switches:
+                return f"param group {i} changed its switches: {_fields_changed(a.switches, b.switches)}"
+            if a.clip != b.clip:
+                return f"param group {i} changed its clip setting (max norm, norm type): {a.clip} -> {b.clip}"
     if name == "training":
         return "train/eval mode of a module changed"
     return f"{name} changed: {old} -> {new}"
+
+
+def _fields_changed(old, new) -> str:
+    """'a: x -> y, b: ...' for the fields of two NamedTuples that differ."""
+    return ", ".join(f"{f}: {getattr(old, f)} -> {getattr(new, f)}" for f in old._fields
+                     if getattr(old, f) != getattr(new, f))
 
 
 class GraphRunner:

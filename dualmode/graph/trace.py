@@ -17,11 +17,12 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from dualmode.graph import updates
 from dualmode.graph.report import TraceError
+from dualmode.graph.slots import ArgSlot, GradSlot, HasBufferSlot, HyperSlot, Slot, StateSlot, TensorSlot
 from dualmode.step import policy
 from dualmode.step.outputs import loss_of
 
 
-def trace_step(call, slots: list[tuple], examples: list[torch.Tensor]):
+def trace_step(call, slots: list[Slot], examples: list[torch.Tensor]):
     """Trace the step of `call` over `slots`; return (graph module, indices of the slots it reads, tracer)."""
     tracer = StepTracer(call, slots)
     try:
@@ -54,7 +55,7 @@ def prune_unused_inputs(gm: torch.fx.GraphModule) -> list[int]:
 class StepTracer:
     """The function make_fx traces: forward, backward and update, over the step's input slots."""
 
-    def __init__(self, call, slots: list[tuple]):
+    def __init__(self, call, slots: list[Slot]):
         self.call, self.slots = call, slots
         self.out_spec = None
         self.out_consts: list = []
@@ -63,8 +64,8 @@ class StepTracer:
         call = self.call
         values = dict(zip(self.slots, flat))
         originals = call.tensors.tensors
-        stand_ins = [values[("tensor", i)] for i in range(len(originals))]
-        leaves = [values.get(("arg", k), v) for k, v in enumerate(call.leaves)]
+        stand_ins = [values[TensorSlot(i)] for i in range(len(originals))]
+        leaves = [values.get(ArgSlot(k), v) for k, v in enumerate(call.leaves)]
         args, kwargs = tree_unflatten(leaves, call.in_spec)
         train = call.optimizer is not None
         if train:
@@ -105,11 +106,11 @@ class StepTracer:
             grads = {ti: stand_ins[ti].grad for _, ti in members}
             if call.phase == "accumulate":
                 for gi, ti in members:
-                    summed = values[("grad", gi, ti)]
+                    summed = values[GradSlot(gi, ti)]
                     write(summed, summed + grads[ti], ok)
                 return
             if call.phase == "apply":
-                grads = {ti: values[("grad", gi, ti)] + grads[ti] for gi, ti in members}
+                grads = {ti: values[GradSlot(gi, ti)] + grads[ti] for gi, ti in members}
             grads = self._clipped(grads, members)
             for gi, ti in members:
                 self._update_one(values, gi, ti, stand_ins[ti], grads[ti], ok)
@@ -118,11 +119,11 @@ class StepTracer:
         rule, group = self.call.rule, self.call.groups[gi]
         flags = rule.flags(group)
         keys = rule.state(flags, self.call.tensors.tensors[ti], group)
-        state = {k: values[("state", gi, ti, k)] for k in keys}
+        state = {k: values[StateSlot(gi, ti, k)] for k in keys}
         if rule.lazy:
-            state["has_buffer"] = values[("has_buffer", gi, ti)]
-        hyper = {name: values[("hyper", gi, name)] for name in rule.hyper}
-        lr = policy.scaled_lr(values[("hyper", gi, "lr")], group, gi)  # lr_scale: a baked constant
+            state["has_buffer"] = values[HasBufferSlot(gi, ti)]
+        hyper = {name: values[HyperSlot(gi, name)] for name in rule.hyper}
+        lr = policy.scaled_lr(values[HyperSlot(gi, "lr")], group, gi)  # lr_scale: a baked constant
         new_param, new_state = rule.update(param, grad, state, hyper, lr, flags)
         write(param, new_param, ok)
         for k, v in new_state.items():

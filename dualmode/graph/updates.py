@@ -13,7 +13,7 @@ that change the shape of the computation (nesterov, amsgrad, a zero momentum) ar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,7 +33,7 @@ class UpdateRule:
     """
 
     hyper: tuple[str, ...]
-    flags: Callable[[dict], tuple]
+    flags: Callable[[dict], NamedTuple]
     state: Callable[[tuple, Tensor, dict], dict[str, Tensor]]
     update: Callable[..., tuple[Tensor, dict[str, Tensor]]]
     lazy: str | None = None
@@ -50,8 +50,16 @@ def _zeros(p: Tensor) -> Tensor:
 
 # SGD --------------------------------------------------------------------------------------------------------
 
-def _sgd_flags(group: dict) -> tuple:
-    return (group["momentum"] != 0, group["weight_decay"] != 0, bool(group["nesterov"]), bool(group["maximize"]))
+class SGDSwitches(NamedTuple):
+    momentum: bool  # momentum != 0
+    weight_decay: bool  # weight_decay != 0
+    nesterov: bool
+    maximize: bool
+
+
+def _sgd_flags(group: dict) -> SGDSwitches:
+    return SGDSwitches(group["momentum"] != 0, group["weight_decay"] != 0, bool(group["nesterov"]),
+                       bool(group["maximize"]))
 
 
 def _sgd_state(flags: tuple, p: Tensor, group: dict) -> dict[str, Tensor]:
@@ -80,9 +88,16 @@ SGD = UpdateRule(("momentum", "dampening", "weight_decay"), _sgd_flags, _sgd_sta
 
 # Adam and AdamW (AdamW is Adam with decoupled_weight_decay=True in torch.optim) -------------------------------
 
-def _adam_flags(group: dict) -> tuple:
+class AdamSwitches(NamedTuple):
+    weight_decay: bool  # weight_decay != 0
+    decoupled_weight_decay: bool
+    amsgrad: bool
+    maximize: bool
+
+
+def _adam_flags(group: dict) -> AdamSwitches:
     decoupled = bool(group.get("decoupled_weight_decay", False))
-    return (group["weight_decay"] != 0, decoupled, bool(group["amsgrad"]), bool(group["maximize"]))
+    return AdamSwitches(group["weight_decay"] != 0, decoupled, bool(group["amsgrad"]), bool(group["maximize"]))
 
 
 def _adam_state(flags: tuple, p: Tensor, group: dict) -> dict[str, Tensor]:
@@ -122,8 +137,16 @@ ADAM = UpdateRule(("beta1", "beta2", "eps", "weight_decay"), _adam_flags, _adam_
 
 # RMSprop ----------------------------------------------------------------------------------------------------
 
-def _rmsprop_flags(group: dict) -> tuple:
-    return (group["momentum"] > 0, group["weight_decay"] != 0, bool(group["centered"]), bool(group["maximize"]))
+class RMSpropSwitches(NamedTuple):
+    momentum: bool  # momentum > 0
+    weight_decay: bool  # weight_decay != 0
+    centered: bool
+    maximize: bool
+
+
+def _rmsprop_flags(group: dict) -> RMSpropSwitches:
+    return RMSpropSwitches(group["momentum"] > 0, group["weight_decay"] != 0, bool(group["centered"]),
+                           bool(group["maximize"]))
 
 
 def _rmsprop_state(flags: tuple, p: Tensor, group: dict) -> dict[str, Tensor]:
@@ -164,8 +187,13 @@ RMSPROP = UpdateRule(("alpha", "eps", "momentum", "weight_decay"), _rmsprop_flag
 
 # Adagrad ----------------------------------------------------------------------------------------------------
 
-def _adagrad_flags(group: dict) -> tuple:
-    return (group["weight_decay"] != 0, bool(group["maximize"]))
+class AdagradSwitches(NamedTuple):
+    weight_decay: bool  # weight_decay != 0
+    maximize: bool
+
+
+def _adagrad_flags(group: dict) -> AdagradSwitches:
+    return AdagradSwitches(group["weight_decay"] != 0, bool(group["maximize"]))
 
 
 def _adagrad_state(flags: tuple, p: Tensor, group: dict) -> dict[str, Tensor]:
