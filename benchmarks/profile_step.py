@@ -1,6 +1,6 @@
 """Where the time of one graph-mode step goes, against eager mode: Python-side overhead vs compiled compute.
 
-1. The parts of `GraphRunner.run` (dualmode/graph.py) timed one by one, over many calls: building the
+1. The parts of `GraphRunner.run` (dualmode/graph/runner.py) timed one by one, over many calls: building the
    `StepCall` (which walks the modules for their tensors), its cache key (`key_parts`), fetching the input
    slots, the compiled function, and unflattening the outputs; then the whole `step(x, y)` call.
 2. Inside the compiled function (torch.profiler): the time in inductor's compiled graph (the kernels), in
@@ -25,7 +25,7 @@ import torch
 from torch.utils._pytree import tree_unflatten
 
 from dualmode.apps.bench.machine import ForeignLoad, usable_cores
-from dualmode.apps.bench.variants import BenchSettings, VARIANTS, make_batch
+from dualmode.apps.bench.variants import VARIANTS, BenchSettings, make_batch
 from dualmode.graph.inputs import StepCall
 
 

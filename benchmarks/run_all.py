@@ -19,8 +19,8 @@ import time
 import torch
 
 from dualmode import bench
-from dualmode.apps.bench.variants import DEFAULT_VARIANTS
 from dualmode.apps.bench.machine import ForeignLoad
+from dualmode.apps.bench.variants import DEFAULT_VARIANTS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")

@@ -31,7 +31,7 @@ args = parser.parse_args()
 BATCH_SIZE = 64
 EPOCH_NUM = 1
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-print("Using {} device".format(DEVICE))
+print(f"Using {DEVICE} device")
 
 # 2. The data set. The tutorial downloads CIFAR-10 with flowvision; dualmode reads a local copy, or uses the
 #    built-in digits (already tensors, normalised: no transform needed).

@@ -34,7 +34,7 @@ args = parser.parse_args()
 BATCH_SIZE = 64
 EPOCH_NUM = 1
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-print("Using {} device".format(DEVICE))
+print(f"Using {DEVICE} device")
 
 training_data = load_dataset(args.data, train=True)
 train_dataloader = torch.utils.data.DataLoader(training_data, BATCH_SIZE, shuffle=True, drop_last=True)

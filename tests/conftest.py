@@ -1,16 +1,10 @@
-import os
-import sys
+"""Fixtures shared by the test folders (groups/, step/, graph/, apps/); step helpers are in tests/steps.py."""
 
-# The shared step fixtures in tests/steps.py are imported as a plain module.
-sys.path.insert(0, os.path.dirname(__file__))
+import collections
 
-
-# ---- param_groups tests (tests/test_groups*.py) ----
-import collections  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import pytest
+import torch
+from torch import nn
 
 
 @pytest.fixture

@@ -73,10 +73,10 @@ def assert_same_state(a: tuple[dict, dict], b: tuple[dict, dict], rtol=1e-4, ato
     (model_a, opt_a), (model_b, opt_b) = a, b
     assert model_a.keys() == model_b.keys()
     for k in model_a:
-        torch.testing.assert_close(model_a[k], model_b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(model_a[k], model_b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
     assert opt_a.keys() == opt_b.keys(), f"optimizer state for params {sorted(opt_a)} vs {sorted(opt_b)}"
     for i in opt_a:
         assert opt_a[i].keys() == opt_b[i].keys(), f"param {i}: state keys {sorted(opt_a[i])} vs {sorted(opt_b[i])}"
         for k in opt_a[i]:
             torch.testing.assert_close(opt_a[i][k], opt_b[i][k], rtol=rtol, atol=atol,
-                                       msg=lambda m: f"state[{i}][{k}]: {m}")
+                                       msg=lambda m, i=i, k=k: f"state[{i}][{k}]: {m}")

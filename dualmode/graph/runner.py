@@ -26,10 +26,11 @@ import torch
 from torch.utils._pytree import tree_unflatten
 
 from dualmode.graph.inputs import StepCall
-from dualmode.graph.report import FIRST, CompileRecord, RecompileLimitError, RecompileWarning
 from dualmode.graph.remat import RecomputePass, installed
+from dualmode.graph.report import FIRST, CompileRecord, RecompileLimitError, RecompileWarning
 from dualmode.graph.trace import trace_step
 from dualmode.step.view import StepView
+
 
 @dataclass
 class _Compiled:

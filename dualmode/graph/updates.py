@@ -12,8 +12,9 @@ that change the shape of the computation (nesterov, amsgrad, a zero momentum) ar
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor

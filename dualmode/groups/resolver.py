@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import warnings
 
-
 from torch import nn
 
-from dualmode.groups.selectors import ParamIndex, few, nothing_message, select
 from dualmode.groups.checks import check_hyper, check_layer_args, check_no_weight_decay, check_rules
+from dualmode.groups.selectors import ParamIndex, few, nothing_message, select
 
 _KEPT = "; its group is kept, empty, so that groups line up with the rules"
 

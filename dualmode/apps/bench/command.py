@@ -1,6 +1,6 @@
 """`dualmode bench`: time one training step in eager and graph mode, with plain PyTorch as reference points.
 
-Each variant (bench_variants.py) runs in a worker process of its own (bench_worker.py), so that its peak memory
+Each variant (variants.py) runs in a worker process of its own (worker.py), so that its peak memory
 is its own. The workers are set up one after another (the first call compiles, and is timed alone), then
 stepped round-robin, one timed step per variant per round, starting each round with the next variant, so that
 drift of a shared machine hits all variants alike. See docs/bench.md.

@@ -9,8 +9,8 @@ lr x lr_scale by hand, as torch.optim knows nothing of `lr_scale`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ class Variant:
 
     name: str
     summary: str
-    make: Callable[["BenchSettings"], Callable]
+    make: Callable[[BenchSettings], Callable]
     compiles: bool = False
 
 

@@ -11,8 +11,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from dualmode.apps.data.dataset import ImageDataset
-from dualmode.apps.data.dataset import normalize_
+from dualmode.apps.data.dataset import ImageDataset, normalize_
 
 __all__ = ["DIGIT_CLASSES", "builtin_dataset"]
 

@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dualmode.apps.data.dataset import ImageDataset
-from dualmode.apps.data.dataset import normalize_
+from dualmode.apps.data.dataset import ImageDataset, normalize_
 
 __all__ = ["ARCHIVE_MD5", "ARCHIVE_NAME", "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "FOLDER_NAME", "cifar10"]
 
@@ -150,7 +149,8 @@ def _parse_batch(payload: bytes, where: str):
     data = np.asarray(batch[b"data"])
     labels = np.asarray(batch[b"labels"], dtype=np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"{where} is not a CIFAR-10 batch: b'data' is {data.dtype} {data.shape}, expected uint8 (N, 3072)")
+        raise ValueError(f"{where} is not a CIFAR-10 batch: b'data' is {data.dtype} {data.shape}, "
+                         "expected uint8 (N, 3072)")
     if labels.shape != (data.shape[0],) or labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
         raise ValueError(f"{where} is not a CIFAR-10 batch: b'labels' must be {data.shape[0]} classes in 0..9")
     return data, labels

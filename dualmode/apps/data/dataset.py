@@ -20,7 +20,8 @@ class ImageDataset(Dataset):
         if images.dim() != 4 or images.dtype != torch.float32:
             raise ValueError(f"images must be a float32 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
         if labels.shape != images.shape[:1] or labels.dtype != torch.int64:
-            raise ValueError(f"labels must be int64 of shape ({images.shape[0]},), got {labels.dtype} {tuple(labels.shape)}")
+            raise ValueError(f"labels must be int64 of shape ({images.shape[0]},), "
+                             f"got {labels.dtype} {tuple(labels.shape)}")
         self.images = images
         self.labels = labels
         self.classes = tuple(classes)
@@ -33,7 +34,8 @@ class ImageDataset(Dataset):
         return self.images[index], self.labels[index]
 
     def __repr__(self) -> str:
-        return f"ImageDataset({self.name!r}, {len(self)} images of {tuple(self.images.shape[1:])}, {len(self.classes)} classes)"
+        shape = tuple(self.images.shape[1:])
+        return f"ImageDataset({self.name!r}, {len(self)} images of {shape}, {len(self.classes)} classes)"
 
 
 def normalize_(images: torch.Tensor, mean, std) -> torch.Tensor:

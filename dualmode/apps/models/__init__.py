@@ -1,8 +1,7 @@
 """Models for the tutorial and the benchmarks (written here: there is no torchvision)."""
 
 from dualmode.apps.models.mlp import mlp
-from dualmode.apps.models.mobilenet_v2 import MobileNetV2
-from dualmode.apps.models.mobilenet_v2 import mobilenet_v2
+from dualmode.apps.models.mobilenet_v2 import MobileNetV2, mobilenet_v2
 
 __all__ = [
     "MobileNetV2",

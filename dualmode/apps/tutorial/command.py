@@ -2,8 +2,8 @@
 
 Eager mode uses the tutorial's absolute per-group lrs and its per-group decay every 10 batches; graph mode its
 `lr_scale` per group, baked into one compiled step. `--mode both` trains each from the same initial weights and
-seed and prints a summary side by side. The training code is in tutorial_train.py, the output in
-tutorial_progress.py and tutorial_report.py. See docs/tutorial.md.
+seed and prints a summary side by side. The training code is in train.py, the output in
+progress.py and report.py. See docs/tutorial.md.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import sys
 import torch
 
 from dualmode.apps.data import load_dataset
+from dualmode.apps.tutorial.evaluate import evaluate
 from dualmode.apps.tutorial.progress import Console
 from dualmode.apps.tutorial.report import plot_losses, summary_table
-from dualmode.apps.tutorial.evaluate import evaluate
 from dualmode.apps.tutorial.train import TutorialSettings, train, tutorial_model
 
 NAME = "tutorial"

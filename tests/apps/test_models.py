@@ -4,9 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from dualmode.apps.models import MobileNetV2
-from dualmode.apps.models import mlp
-from dualmode.apps.models import mobilenet_v2
+from dualmode.apps.models import MobileNetV2, mlp, mobilenet_v2
 
 # torchvision's ImageNet MobileNetV2 (width 1.0, 1000 classes) has 3,504,872 parameters, the figure in
 # its weights table (and the paper's "3.4M"). Its classifier is Linear(1280, 1000): 1,281,000 of them.

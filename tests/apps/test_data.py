@@ -12,15 +12,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dualmode.apps.data import ImageDataset
-from dualmode.apps.data import builtin_dataset
-from dualmode.apps.data import cifar10
-from dualmode.apps.data import load_dataset
-from dualmode.apps.data.cifar import ARCHIVE_MD5
-from dualmode.apps.data.cifar import ARCHIVE_NAME
-from dualmode.apps.data.cifar import CIFAR10_MEAN
-from dualmode.apps.data.cifar import CIFAR10_STD
-from dualmode.apps.data.cifar import FOLDER_NAME
+from dualmode.apps.data import ImageDataset, builtin_dataset, cifar10, load_dataset
+from dualmode.apps.data.cifar import ARCHIVE_MD5, ARCHIVE_NAME, CIFAR10_MEAN, CIFAR10_STD, FOLDER_NAME
 
 TRAIN_NAMES = [f"data_batch_{i}" for i in range(1, 6)]
 PER_BATCH = 3

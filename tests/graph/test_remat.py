@@ -1,4 +1,4 @@
-"""The recompute pass (dualmode/remat.py): same numbers, fewer bytes alive between forward and backward.
+"""The recompute pass (dualmode/graph/remat.py): same numbers, fewer bytes alive between forward and backward.
 
 The unit tests run the pass on a decomposed forward+backward graph traced with make_fx (no compile) and compare
 its outputs with the untouched graph's, bit for bit. The inductor test runs it where graph mode runs it.
@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 import dualmode as dm
 from dualmode.graph.remat import recompute_pointwise
-from steps import assert_same_state, snapshot
+from tests.steps import assert_same_state, snapshot
 
 CHANNELS, SIDE, BATCH = 16, 16, 8  # 32768 elements per activation, above remat.MIN_ELEMENTS
 

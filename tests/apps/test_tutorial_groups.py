@@ -7,7 +7,7 @@ import torch
 
 import dualmode as dm
 from dualmode.apps.models import mobilenet_v2
-from steps import FAST
+from tests.steps import FAST
 
 
 class TutorialStep(dm.TrainGraph):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.optim import lr_scheduler as sched
 
-from steps import Step, assert_same_state, batches, snapshot, tiny_groups, tiny_net
+from tests.steps import Step, assert_same_state, batches, snapshot, tiny_groups, tiny_net
 
 OPTIMIZERS = {
     "sgd": lambda g: torch.optim.SGD(g, lr=0.1),

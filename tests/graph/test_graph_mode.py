@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import dualmode as dm
-from steps import FAST, Step, assert_same_state, batches, snapshot, tiny_groups, tiny_net
+from tests.steps import FAST, Step, assert_same_state, batches, snapshot, tiny_groups, tiny_net
 
 
 def make_step(mode="graph", optimizer=lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9), **config):

@@ -22,10 +22,16 @@ from dualmode.apps import cli
 from dualmode.apps.tutorial.evaluate import recalibrate_batchnorm
 from dualmode.apps.tutorial.progress import Console
 from dualmode.apps.tutorial.report import summary_table
-from dualmode.apps.tutorial.train import (GRAPH_LR_SCALES, ModeResult, adjust_learning_rate, resolve_groups,
-                                     tutorial_model, tutorial_rules)
+from dualmode.apps.tutorial.train import (
+    GRAPH_LR_SCALES,
+    ModeResult,
+    adjust_learning_rate,
+    resolve_groups,
+    tutorial_model,
+    tutorial_rules,
+)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICK = ["--max-steps", "3", "--batch-size", "32", "--width-mult", "0.25", "--backend", "eager", "--bn-batches", "1"]
 EMPTY_GROUP_WARNING = "UserWarning: rule 1 (module 'adaptive_avg_pool2d') selects no parameter"
 LOSS_LINE = re.compile(r"^loss: +\d+\.\d{6}  \[ +0/ +1437\]$", re.MULTILINE)
