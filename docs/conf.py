@@ -9,12 +9,12 @@ import sys
 # Document the dualmode of this checkout, not an installed copy.
 sys.path.insert(0, os.path.abspath(".."))
 
-import dualmode  # noqa: E402
+import dualmode
 
 project = "dualmode"
 release = dualmode.__version__
 version = release
-copyright = "the dualmode authors"  # noqa: A001 (Sphinx reads this name)
+copyright = "the dualmode authors"
 
 extensions = [
     "myst_parser",

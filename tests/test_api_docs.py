@@ -30,17 +30,18 @@ def kind(name: str) -> str:
 
 
 def test_every_public_name_is_on_the_api_page():
-    documented = re.findall(r"^```\{auto(?:function|class|exception)\} dualmode\.(\w+)$", API_PAGE.read_text(), re.M)
+    directive = r"^```\{auto(?:function|class|exception)\} dualmode\.(\w+)$"
+    documented = re.findall(directive, API_PAGE.read_text(), re.MULTILINE)
     assert sorted(documented) == sorted(dm.__all__)
 
 
 @pytest.mark.parametrize("name", dm.__all__)
 def test_docstring_has_its_sections(name):
     doc = inspect.getdoc(getattr(dm, name)) or ""
-    missing = [s for s in SECTIONS[kind(name)] if not re.search(rf"^{s}$", doc, re.M)]
+    missing = [s for s in SECTIONS[kind(name)] if not re.search(rf"^{s}$", doc, re.MULTILINE)]
     assert not missing, f"dualmode.{name}: the docstring lacks {missing}"
     if kind(name) == "class":
-        assert re.search(r"^(Args|Attributes):$", doc, re.M), f"dualmode.{name}: neither Args nor Attributes"
+        assert re.search(r"^(Args|Attributes):$", doc, re.MULTILINE), f"dualmode.{name}: neither Args nor Attributes"
 
 
 def test_docstring_examples_run():
