@@ -30,7 +30,7 @@ def kind(name: str) -> str:
 
 
 def test_every_public_name_is_on_the_api_page():
-    directive = r"^```\{auto(?:function|class|exception)\} dualmode\.(\w+)$"
+    directive = r"^\.\. auto(?:function|class|exception):: dualmode\.(\w+)$"
     documented = re.findall(directive, API_PAGE.read_text(), re.MULTILINE)
     assert sorted(documented) == sorted(dm.__all__)
 

@@ -231,7 +231,7 @@ class TrainGraph:
 
     @property
     def effective_lrs(self) -> list[float]:
-        """The lr each group is updated with at the next step: group["lr"] x group["lr_scale"]."""
+        """The lr each group is updated with at the next step, that is group["lr"] x group["lr_scale"]."""
         if self.optimizer is None:
             return []
         return [policy.effective_lr(g, i) for i, g in enumerate(self.optimizer.param_groups)]
