@@ -11,15 +11,90 @@ FIRST = "first call"
 
 
 class TraceError(RuntimeError):
-    """build() could not be traced in graph mode."""
+    """build() could not be traced in graph mode.
+
+    Raised by the first graph-mode call of a `TrainGraph` whose `build()` needs the Python value of a tensor
+    (`.item()`, an `if` on a tensor): such a step cannot be one graph. The message names the step and the
+    cause; the step is left unchanged, and `mode="eager"` runs it.
+
+    Example:
+        >>> import torch, dualmode as dm
+        >>> class Step(dm.TrainGraph):
+        ...     def __init__(self, model):
+        ...         super().__init__(config=dm.StepConfig(compile_options={"backend": "aot_eager"}))
+        ...         self.model = model
+        ...         self.add_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+        ...     def build(self, x):
+        ...         loss = self.model(x).square().mean()
+        ...         if loss > 100:                     # a Python branch on a tensor's value
+        ...             loss = loss / 100
+        ...         loss.backward()
+        ...         return loss
+        >>> step = Step(torch.nn.Linear(4, 1))
+        >>> step(torch.randn(8, 4))
+        Traceback (most recent call last):
+            ...
+        dualmode.graph.report.TraceError: graph mode could not trace Step.build(). A step that needs Python values ...
+        >>> step.mode = "eager"
+        >>> loss = step(torch.randn(8, 4))
+    """
 
 
 class RecompileWarning(UserWarning):
-    """Graph mode compiled the step again; the message names what changed."""
+    """Graph mode compiled the step again; the message names what changed.
+
+    Warned by a graph-mode call that finds no compiled variant for what it is given (a new input shape, a
+    changed `lr_scale`, a new param group, ...): it compiles one more, keeps the earlier ones, and says why.
+    `TrainGraph.explain()` lists the same reasons.
+
+    Example:
+        >>> import torch, dualmode as dm
+        >>> class Step(dm.TrainGraph):
+        ...     def __init__(self, model, **config):
+        ...         super().__init__(config=dm.StepConfig(compile_options={"backend": "aot_eager"}, **config))
+        ...         self.model = model
+        ...         self.add_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+        ...     def build(self, x):
+        ...         loss = self.model(x).square().mean()
+        ...         loss.backward()
+        ...         return loss
+        >>> import warnings
+        >>> step = Step(torch.nn.Linear(4, 1))
+        >>> loss = step(torch.randn(8, 4))
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     loss = step(torch.randn(5, 4))          # a batch of 5 after batches of 8
+        >>> print(caught[0].message)
+        Step: graph mode recompiles the step because new input shape: input 0 (8, 4) -> (5, 4) (recompile 1 of ...
+    """
 
 
 class RecompileLimitError(RuntimeError):
-    """Graph mode recompiled more often than `config.max_recompiles` allows."""
+    """Graph mode recompiled more often than `config.max_recompiles` allows.
+
+    Raised by the call that would compile once more, before anything changes: the parameters, the optimizer
+    and the step count are as they were. The message names the reason and how to avoid it.
+
+    Example:
+        >>> import torch, dualmode as dm
+        >>> class Step(dm.TrainGraph):
+        ...     def __init__(self, model, **config):
+        ...         super().__init__(config=dm.StepConfig(compile_options={"backend": "aot_eager"}, **config))
+        ...         self.model = model
+        ...         self.add_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+        ...     def build(self, x):
+        ...         loss = self.model(x).square().mean()
+        ...         loss.backward()
+        ...         return loss
+        >>> step = Step(torch.nn.Linear(4, 1), max_recompiles=0)
+        >>> loss = step(torch.randn(8, 4))
+        >>> step(torch.randn(5, 4))
+        Traceback (most recent call last):
+            ...
+        dualmode.graph.report.RecompileLimitError: Step: graph mode must recompile because new input shape: ...
+        >>> step.step_count
+        1
+    """
 
 
 @dataclass
@@ -37,7 +112,37 @@ class CompileRecord:
 
 @dataclass
 class Explanation:
-    """What graph mode compiled, as `TrainGraph.explain()` reports it. `print()` it for a summary."""
+    """What graph mode compiled, as `TrainGraph.explain()` reports it. `print()` it for a summary.
+
+    Attributes:
+        mode: the step's mode when `explain()` was called, "graph" or "eager".
+        compiles: one record per compile, in order: phase ("step", "accumulate", "apply" or "eval"), reason
+            ("first call" or what changed), aten ops and inputs of the traced step, trace and first-call
+            seconds, and what the recompute pass did.
+        graphs: how many compiled variants of the step are kept.
+
+    Example:
+        >>> import torch, dualmode as dm
+        >>> class Step(dm.TrainGraph):
+        ...     def __init__(self, model, **config):
+        ...         super().__init__(config=dm.StepConfig(compile_options={"backend": "aot_eager"}, **config))
+        ...         self.model = model
+        ...         self.add_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+        ...     def build(self, x):
+        ...         loss = self.model(x).square().mean()
+        ...         loss.backward()
+        ...         return loss
+        >>> step = Step(torch.nn.Linear(4, 1))
+        >>> loss = step(torch.randn(8, 4))
+        >>> print(step.explain())
+        mode: graph
+        compiled graphs: 1 (one per cached variant of the step)
+        graph breaks: 0 (each graph is compiled with fullgraph=True, so a break would raise)
+        compiles: 1, recompiles: 0
+          1. [step] first call: ... ops, ... inputs, trace ... s, first call (compile + run) ... s; recomputed ...
+        >>> step.explain().recompiles
+        []
+    """
 
     mode: str
     compiles: list[CompileRecord] = field(default_factory=list)
@@ -45,6 +150,7 @@ class Explanation:
 
     @property
     def recompiles(self) -> list[str]:
+        """The reason of each compile after the first, in order (empty when nothing recompiled)."""
         return [r.reason for r in self.compiles if r.reason != FIRST]
 
     def __str__(self) -> str:

@@ -29,6 +29,10 @@ def describe(obj, *, model=None) -> str:
         effective lr (lr x lr_scale), weight decay and the first names. ``-`` marks a hyperparameter the
         group does not set; when ``lr`` is not set, the effective lr reads ``<lr_scale> x lr``.
 
+    Raises:
+        TypeError: ``obj`` is none of the above, a group in the list is not a dict, or ``model`` is not an
+            ``nn.Module``.
+
     Example:
         >>> from torch import nn
         >>> from dualmode import describe

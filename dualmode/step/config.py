@@ -31,6 +31,23 @@ class StepConfig:
             skipped (parameters and optimizer state unchanged) in both modes.
         recompute_activations: graph mode with inductor recomputes cheap activations (BatchNorm, ReLU6, ...)
             in the backward instead of keeping them from the forward (remat.py): same numbers, less memory.
+
+    Raises:
+        ValueError: a field out of range (grad_accumulation_steps < 1, a clip norm that is not a finite
+            positive number, max_recompiles < 0, an unknown compile_options key), named in the message.
+        TypeError: a field of the wrong type (autocast_dtype that is not a torch.dtype, compile_options that
+            is not a dict, check_finite or recompute_activations that is not a bool).
+
+    Example:
+        >>> import torch, dualmode as dm
+        >>> config = dm.StepConfig(grad_accumulation_steps=4, clip_grad_max_norm=1.0,
+        ...                        compile_options={"backend": "aot_eager"})
+        >>> config.clip_grad_norm_type, config.max_recompiles
+        (2.0, 8)
+        >>> dm.StepConfig(grad_accumulation_steps=0)
+        Traceback (most recent call last):
+            ...
+        ValueError: config.grad_accumulation_steps must be an int >= 1, got 0
     """
 
     autocast_dtype: torch.dtype | None = None

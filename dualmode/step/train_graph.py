@@ -47,6 +47,13 @@ class TrainGraph:
     Args:
         mode: "graph" (compile the whole step with torch.compile on the first call) or "eager".
         config: a `StepConfig`; a default one if None.
+
+    Returns:
+        Calling the step runs one step (or micro-batch) and returns what `build()` returned, detached.
+    Raises:
+        ValueError: an unknown mode, a second optimizer, a scheduler built on another optimizer, no module.
+        TypeError: a config that is not a StepConfig, an optimizer that is not a torch.optim.Optimizer.
+        FloatingPointError: with `config.check_finite`, a non-finite loss; that step's update is skipped.
     """
 
     def __init__(self, *, mode: str = "graph", config: StepConfig | None = None):
@@ -224,7 +231,7 @@ class TrainGraph:
 
     @property
     def effective_lrs(self) -> list[float]:
-        """The lr each group is updated with at the next step: group["lr"] x group["lr_scale"]."""
+        """The lr each group is updated with at the next step, that is group["lr"] x group["lr_scale"]."""
         if self.optimizer is None:
             return []
         return [policy.effective_lr(g, i) for i, g in enumerate(self.optimizer.param_groups)]
