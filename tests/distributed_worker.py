@@ -1,0 +1,122 @@
+"""One rank of the 2-process tests in test_distributed.py: `python distributed_worker.py SCENARIO OUT_DIR`,
+with MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE set as torchrun sets them.
+
+The parent test computes the single-process reference with the same functions (`net`, `train`), on the
+whole global batch, in eager mode: torch.optim is the ground truth.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import dualmode as dm  # noqa: E402
+from steps import FAST  # noqa: E402
+
+CALLS = 6  # 3 updates of 2 micro-batches each
+GLOBAL_BATCH = 16
+
+
+def net(batch_norm: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    layers = [("fc1", nn.Linear(6, 8)), ("act1", nn.Tanh()), ("fc2", nn.Linear(8, 8)), ("act2", nn.Tanh()),
+              ("head", nn.Linear(8, 3))]
+    if batch_norm:
+        layers.insert(1, ("bn", nn.BatchNorm1d(8)))
+    return nn.Sequential(collections.OrderedDict(layers))
+
+
+class Step(dm.TrainGraph):
+    def __init__(self, model, optimizer, scheduler, mode):
+        config = dm.StepConfig(compile_options=dict(FAST), grad_accumulation_steps=2, clip_grad_max_norm=0.3,
+                               check_finite=True)
+        super().__init__(mode=mode, config=config)
+        self.model = model
+        self.add_optimizer(optimizer, lr_sch=scheduler)
+
+    def build(self, x, y):
+        loss = nn.functional.cross_entropy(self.model(x), y)
+        loss.backward()
+        return loss
+
+
+def make_step(model: nn.Module, mode: str) -> Step:
+    """Per-group lr_scale (rules on the bare model's names, whether or not it is wrapped), a scheduler."""
+    groups = dm.param_groups(model, [{"params": "fc1.*", "lr_scale": 0.5}, {"params": "head.*", "lr_scale": 2.0}],
+                             default={})
+    optimizer = torch.optim.SGD(groups, lr=0.2, momentum=0.9)
+    return Step(model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7), mode)
+
+
+def global_batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(GLOBAL_BATCH, 6, generator=g), torch.randint(0, 3, (GLOBAL_BATCH,), generator=g))
+            for _ in range(CALLS)]
+
+
+def train(step: Step, rank: int = 0, world: int = 1) -> Step:
+    """Each rank feeds its contiguous shard of every global batch."""
+    shard = GLOBAL_BATCH // world
+    for x, y in global_batches():
+        step(x[rank * shard:(rank + 1) * shard], y[rank * shard:(rank + 1) * shard])
+    return step
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in dm.bare_model(model).state_dict().items()}
+
+
+def parity(rank: int, world: int) -> dict:
+    """Both modes under DDP; and a BatchNorm model, graph mode against DDP's own eager run on this rank."""
+    out = {}
+    for mode in ("eager", "graph"):
+        step = train(make_step(nn.parallel.DistributedDataParallel(net()), mode), rank, world)
+        out[mode] = state(step.model)
+        if mode == "graph":
+            out["explain"] = str(step.explain())
+    for mode in ("eager", "graph"):
+        step = train(make_step(nn.parallel.DistributedDataParallel(net(batch_norm=True)), mode), rank, world)
+        out[f"bn_{mode}"] = state(step.model)
+    return out
+
+
+def faults(rank: int, world: int) -> dict:
+    """Parameters that differ between ranks at the first graph call; then rank 1 fails in its training loop."""
+    out = {}
+    model = nn.parallel.DistributedDataParallel(net())
+    if rank == 1:
+        with torch.no_grad():
+            dm.bare_model(model).fc2.bias.add_(1.0)  # after DDP's broadcast: this rank alone
+    try:
+        train(make_step(model, "graph"), rank, world)
+    except RuntimeError as error:
+        out["differ"] = str(error)
+    torch.save(out, os.path.join(sys.argv[2], f"rank{rank}.pt"))  # before the failure below
+    step = make_step(nn.parallel.DistributedDataParallel(net()), "graph")
+    for i, (x, y) in enumerate(global_batches()):
+        if rank == 1 and i == 3:
+            raise ValueError("rank 1 fails on purpose in its training loop")
+        step(x, y)
+    out["ran_past_the_failure"] = True
+    return out
+
+
+def main() -> None:
+    scenario, out_dir = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    result = {"parity": parity, "faults": faults}[scenario](rank, world)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
