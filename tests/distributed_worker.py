@@ -1,5 +1,6 @@
-"""One rank of the 2-process tests in test_distributed.py: `python distributed_worker.py SCENARIO OUT_DIR`,
-with MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE set as torchrun sets them.
+"""One rank of the 2-process tests in test_distributed.py: `python distributed_worker.py OUT_DIR`, with
+MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE set as torchrun sets them. It saves its results, then rank 1
+fails on purpose: both processes end with an error.
 
 The parent test computes the single-process reference with the same functions (`net`, `train`), on the
 whole global batch, in eager mode: torch.optim is the ground truth.
@@ -74,47 +75,49 @@ def state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in dm.bare_model(model).state_dict().items()}
 
 
-def parity(rank: int, world: int) -> dict:
+def parity(rank: int, world: int) -> tuple[dict, Step]:
     """Both modes under DDP; and a BatchNorm model, graph mode against DDP's own eager run on this rank."""
     out = {}
     for mode in ("eager", "graph"):
         step = train(make_step(nn.parallel.DistributedDataParallel(net()), mode), rank, world)
         out[mode] = state(step.model)
-        if mode == "graph":
-            out["explain"] = str(step.explain())
+    out["explain"] = str(step.explain())
     for mode in ("eager", "graph"):
-        step = train(make_step(nn.parallel.DistributedDataParallel(net(batch_norm=True)), mode), rank, world)
-        out[f"bn_{mode}"] = state(step.model)
-    return out
+        bn_step = train(make_step(nn.parallel.DistributedDataParallel(net(batch_norm=True)), mode), rank, world)
+        out[f"bn_{mode}"] = state(bn_step.model)
+    return out, step
 
 
-def faults(rank: int, world: int) -> dict:
-    """Parameters that differ between ranks at the first graph call; then rank 1 fails in its training loop."""
-    out = {}
+def parameters_that_differ(rank: int, world: int) -> str:
+    """The error of the first graph call when one rank changed a parameter after DDP's broadcast."""
     model = nn.parallel.DistributedDataParallel(net())
     if rank == 1:
         with torch.no_grad():
-            dm.bare_model(model).fc2.bias.add_(1.0)  # after DDP's broadcast: this rank alone
+            dm.bare_model(model).fc2.bias.add_(1.0)
     try:
         train(make_step(model, "graph"), rank, world)
     except RuntimeError as error:
-        out["differ"] = str(error)
-    torch.save(out, os.path.join(sys.argv[2], f"rank{rank}.pt"))  # before the failure below
-    step = make_step(nn.parallel.DistributedDataParallel(net()), "graph")
+        return str(error)
+    return "no error"
+
+
+def a_rank_fails(rank: int, graph_step: Step) -> None:
+    """Rank 1 fails in its training loop; rank 0 goes on into the compiled step's all-reduce."""
     for i, (x, y) in enumerate(global_batches()):
-        if rank == 1 and i == 3:
+        if rank == 1 and i == 1:
             raise ValueError("rank 1 fails on purpose in its training loop")
-        step(x, y)
-    out["ran_past_the_failure"] = True
-    return out
+        graph_step(x[:8], y[:8])
 
 
 def main() -> None:
-    scenario, out_dir = sys.argv[1], sys.argv[2]
+    """Save the parity results and the error of `parameters_that_differ`, then end with `a_rank_fails`."""
+    out_dir = sys.argv[1]
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
     rank, world = dist.get_rank(), dist.get_world_size()
-    result = {"parity": parity, "faults": faults}[scenario](rank, world)
+    result, graph_step = parity(rank, world)
+    result["differ"] = parameters_that_differ(rank, world)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    a_rank_fails(rank, graph_step)
     dist.destroy_process_group()
 
 

@@ -10,12 +10,14 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from torch import nn
 
 import distributed_worker as worker
+from dualmode.apps.launch import Launch
 import dualmode as dm
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_worker.py")
@@ -28,25 +30,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(scenario: str, out_dir, world: int = 2, timeout: float = 180) -> list[subprocess.CompletedProcess]:
-    """Start `world` ranks of the worker; wait for all of them (each under `timeout`)."""
+def run_ranks(out_dir, world: int = 2, timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """Start `world` ranks of the worker; wait for all of them, `timeout` seconds at most in all."""
     port = free_port()
     procs = []
     for rank in range(world):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                    WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
                    PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-        procs.append(subprocess.Popen([sys.executable, WORKER, scenario, str(out_dir)], env=env, cwd=ROOT,
+        procs.append(subprocess.Popen([sys.executable, WORKER, str(out_dir)], env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    done = []
-    for proc in procs:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
-        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    deadline, done = time.monotonic() + timeout, []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:  # on a timeout: the ranks still running
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
     return done
 
 
@@ -56,11 +59,18 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def parity(tmp_path_factory):
-    out = tmp_path_factory.mktemp("parity")
-    for rank, proc in enumerate(run_ranks("parity", out)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{proc.stderr[-3000:]}"
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+def ranks(tmp_path_factory):
+    """One run of 2 ranks: (their processes, the results each saved before rank 1 failed on purpose)."""
+    out = tmp_path_factory.mktemp("ranks")
+    procs = run_ranks(out)
+    for rank, proc in enumerate(procs):
+        assert (out / f"rank{rank}.pt").exists(), f"rank {rank} saved nothing:\n{proc.stderr[-3000:]}"
+    return procs, [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def parity(ranks):
+    return ranks[1]
 
 
 @pytest.mark.parametrize("mode", ["eager", "graph"])
@@ -85,14 +95,16 @@ def test_graph_mode_reduces_inside_the_graph_and_syncs_buffers_as_ddp(parity):
         assert torch.equal(eager["bn.num_batches_tracked"], graph["bn.num_batches_tracked"])
 
 
-def test_parameters_that_differ_and_a_failing_rank_stop_every_rank(tmp_path):
-    procs = run_ranks("faults", tmp_path, timeout=120)
-    for rank, proc in enumerate(procs):
-        assert proc.returncode != 0, f"rank {rank} ran on:\n{proc.stdout}"
-        saved = torch.load(tmp_path / f"rank{rank}.pt")
-        assert "parameter 'model.module.fc2.bias' differs between the ranks" in saved["differ"]
+def test_parameters_that_differ_between_ranks_raise_on_every_rank(parity):
+    for rank in range(2):
+        assert "parameter 'model.module.fc2.bias' differs between the ranks" in parity[rank]["differ"]
+
+
+def test_a_failing_rank_stops_every_rank_with_an_error(ranks):
+    procs, _ = ranks
+    assert [p.returncode != 0 for p in procs] == [True, True]
     assert "ValueError: rank 1 fails on purpose" in procs[1].stderr
-    assert "Connection closed by peer" in procs[0].stderr  # rank 0: gloo names the lost peer
+    assert "Connection closed by peer" in procs[0].stderr  # rank 0, in the compiled all-reduce: gloo names it
 
 
 class Embed(dm.TrainGraph):
@@ -113,3 +125,35 @@ def test_an_error_while_the_compiled_step_runs_is_the_real_error():
     step(torch.tensor([0, 3]))
     with pytest.raises(IndexError, match="index out of range"):
         step(torch.tensor([0, 9]))
+
+
+def test_each_rank_loads_its_own_shard_of_every_global_batch():
+    data = torch.utils.data.TensorDataset(torch.arange(40))
+    seen = []
+    for rank in range(2):
+        loader = Launch(rank, 2, distributed=True).loader(data, 8, drop_last=True, seed=0)
+        batches = [b for (b,) in loader]
+        assert [len(b) for b in batches] == [4] * 5  # the global batch of 8, split in two
+        seen.append(torch.cat(batches))
+    assert sorted(torch.cat(seen).tolist()) == list(range(40))  # disjoint shards that cover the data
+    with pytest.raises(ValueError, match="--batch-size 9 is the global batch and must divide evenly over the 2"):
+        Launch(0, 2, distributed=True).shard_size(9)
+
+
+def test_tutorial_under_torchrun_splits_the_global_batch_and_only_rank_0_prints():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "dualmode", "tutorial", "--mode", "eager", "--max-steps", "1", "--width-mult",
+                           "0.25", "--bn-batches", "0", "--batch-size", "32"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes (torchrun), 16 images of each batch per process" in done.stdout
+    assert done.stdout.count("=== summary ===") == 1 and done.stdout.count("Epoch 1") == 1
+
+
+def test_bench_under_torchrun_refuses_and_says_what_is_missing(monkeypatch, capsys):
+    from dualmode.apps.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["bench", "--steps", "1"]) == 2
+    assert "does not support it yet" in capsys.readouterr().err

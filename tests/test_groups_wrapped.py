@@ -42,7 +42,8 @@ def test_ddp_and_compile_wrappers_are_seen_through(seed_net, one_rank):
 
 def test_a_module_selector_inside_a_wrapped_model_is_named_by_its_bare_name(seed_net, one_rank):
     model = nn.parallel.DistributedDataParallel(seed_net)
-    with pytest.warns(UserWarning, match=r"rule 1 \(module 'fc1'\) selects no trainable parameter.*'fc1.weight' \(rule 0\)"):
+    taken = r"rule 1 \(module 'fc1'\) selects no trainable parameter.*'fc1.weight' \(rule 0\)"
+    with pytest.warns(UserWarning, match=taken):
         dm.param_groups(model, [{"params": "fc1.*"}, {"params": model.module.fc1}])
 
 
@@ -74,3 +75,15 @@ def test_one_rank_ddp_step_matches_the_bare_model_in_both_modes(seed_net, one_ra
     assert "collectives in the graph: 2 all_reduce over 1 ranks; gradients in 1 buckets of at most 25 MiB" in explain
     nodes = [n for n in step.graph_module.graph.nodes if "c10d_functional.all_reduce" in str(n.target)]
     assert len(nodes) == 2
+
+
+def test_a_ddp_steps_state_dict_has_bare_names_and_loads_without_ddp(seed_net, one_rank):
+    wrapped = Step(nn.parallel.DistributedDataParallel(copy.deepcopy(seed_net)), "eager")
+    wrapped(torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,)))
+    saved = wrapped.state_dict()
+    assert list(saved["modules"]["model"]) == list(seed_net.state_dict())  # no "module." prefix
+    bare = Step(seed_net, "eager")
+    bare.load_state_dict(saved)
+    for a, b in zip(seed_net.parameters(), wrapped.model.module.parameters()):
+        assert torch.equal(a, b)
+    wrapped.load_state_dict(bare.state_dict())  # and back

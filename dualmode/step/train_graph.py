@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dualmode.graph.report import Explanation
+from dualmode.groups.unwrap import bare_model
 from dualmode.step import ddp, policy
 from dualmode.step.config import StepConfig
 from dualmode.step.outputs import detached, loss_of
@@ -251,7 +252,7 @@ class TrainGraph:
     def state_dict(self) -> dict:
         """Modules, optimizer, scheduler and step count, as live references (like torch's state_dict)."""
         return {
-            "modules": {name: m.state_dict() for name, m in self._modules_of_step()},
+            "modules": {name: bare_model(m).state_dict() for name, m in self._modules_of_step()},  # any world size
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "lr_scheduler": None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
             "step_count": self.step_count,
@@ -263,7 +264,7 @@ class TrainGraph:
 
         Everything is checked before anything is loaded: a mismatch raises and leaves this step unchanged.
         """
-        modules = dict(self._modules_of_step())
+        modules = {name: bare_model(m) for name, m in self._modules_of_step()}  # DDP's names are "module.*"
         saved = state.get("modules", {})
         if set(saved) != set(modules):
             raise ValueError(f"state_dict holds modules {sorted(saved)}, this step has {sorted(modules)}")
