@@ -153,8 +153,7 @@ def summary(gm: torch.fx.GraphModule, reducer: GradientReducer | None) -> str:
         op = getattr(node.target, "_opname", None)
         if node.op == "call_function" and op in _OPS and "c10d_functional" in str(node.target):
             counts[op] = counts.get(op, 0) + 1
-    ops = ", ".join(f"{n} {op}" for op, n in counts.items()) or "none"
+    ops = ", ".join(f"{n} {op}" for op, n in counts.items()) + f" over {reducer.world} ranks" if counts else "none"
     if reducer.phase == "accumulate":
-        return f"{ops} over {reducer.world} ranks; gradients summed here, reduced once at the update"
-    return (f"{ops} over {reducer.world} ranks; gradients in {reducer.buckets} buckets of at most "
-            f"{reducer.bucket_bytes / 2**20:g} MiB")
+        return f"{ops}; gradients summed here, reduced once at the update"
+    return f"{ops}; gradients in {reducer.buckets} buckets of at most {reducer.bucket_bytes / 2**20:g} MiB"
