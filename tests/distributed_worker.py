@@ -19,8 +19,9 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import dualmode as dm  # noqa: E402
-from steps import FAST  # noqa: E402
+from steps import FAST
+
+import dualmode as dm
 
 CALLS = 6  # 3 updates of 2 micro-batches each
 GLOBAL_BATCH = 16
@@ -75,17 +76,34 @@ def state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in dm.bare_model(model).state_dict().items()}
 
 
-def parity(rank: int, world: int) -> tuple[dict, Step]:
+def parity(rank: int, world: int) -> tuple[dict, dict[str, Step]]:
     """Both modes under DDP; and a BatchNorm model, graph mode against DDP's own eager run on this rank."""
-    out = {}
+    out, steps = {}, {}
     for mode in ("eager", "graph"):
-        step = train(make_step(nn.parallel.DistributedDataParallel(net()), mode), rank, world)
-        out[mode] = state(step.model)
-    out["explain"] = str(step.explain())
+        steps[mode] = train(make_step(nn.parallel.DistributedDataParallel(net()), mode), rank, world)
+        out[mode] = state(steps[mode].model)
+    out["explain"] = str(steps["graph"].explain())
     for mode in ("eager", "graph"):
         bn_step = train(make_step(nn.parallel.DistributedDataParallel(net(batch_norm=True)), mode), rank, world)
         out[f"bn_{mode}"] = state(bn_step.model)
-    return out, step
+    return out, steps
+
+
+def not_finite_on_rank_1(rank: int, world: int, step: Step) -> dict:
+    """An update whose loss is NaN on rank 1 only: what each rank raised, and whether it kept its parameters."""
+    (x, y), shard = global_batches()[0], GLOBAL_BATCH // world
+    x, y = x[rank * shard:(rank + 1) * shard].clone(), y[rank * shard:(rank + 1) * shard]
+    step(x, y)  # the first micro-batch of a window; the NaN comes in the update call
+    before = state(step.model)
+    if rank == 1:
+        x[0, 0] = float("nan")
+    try:
+        step(x, y)
+        error = "no error"
+    except FloatingPointError as e:
+        error = str(e)
+    after = state(step.model)
+    return {"error": error, "kept": all(torch.equal(before[k], after[k]) for k in before), "steps": step.step_count}
 
 
 def parameters_that_differ(rank: int, world: int) -> str:
@@ -110,14 +128,16 @@ def a_rank_fails(rank: int, graph_step: Step) -> None:
 
 
 def main() -> None:
-    """Save the parity results and the error of `parameters_that_differ`, then end with `a_rank_fails`."""
+    """Save the results of parity, NaN on one rank and parameters that differ; then end with `a_rank_fails`."""
     out_dir = sys.argv[1]
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
     rank, world = dist.get_rank(), dist.get_world_size()
-    result, graph_step = parity(rank, world)
+    result, steps = parity(rank, world)
+    for mode, step in steps.items():
+        result[f"nan_{mode}"] = not_finite_on_rank_1(rank, world, step)
     result["differ"] = parameters_that_differ(rank, world)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    a_rank_fails(rank, graph_step)
+    a_rank_fails(rank, steps["graph"])
     dist.destroy_process_group()
 
 

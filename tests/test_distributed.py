@@ -12,13 +12,13 @@ import subprocess
 import sys
 import time
 
+import distributed_worker as worker
 import pytest
 import torch
 from torch import nn
 
-import distributed_worker as worker
-from dualmode.apps.launch import Launch
 import dualmode as dm
+from dualmode.apps.launch import Launch
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_worker.py")
 ROOT = os.path.dirname(os.path.dirname(WORKER))
@@ -95,6 +95,15 @@ def test_graph_mode_reduces_inside_the_graph_and_syncs_buffers_as_ddp(parity):
         eager, graph = parity[rank]["bn_eager"], parity[rank]["bn_graph"]
         assert max_diff(eager, graph) < 1e-5, f"rank {rank}"
         assert torch.equal(eager["bn.num_batches_tracked"], graph["bn.num_batches_tracked"])
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_a_loss_not_finite_on_one_rank_skips_the_update_on_every_rank(parity, mode):
+    for rank in range(2):
+        got = parity[rank][f"nan_{mode}"]
+        assert "the loss is nan" in got["error"] if rank == 1 else "the loss is " in got["error"], got["error"]
+        assert "not finite on rank 1)" in got["error"], f"rank {rank}: {got['error']}"
+        assert got["kept"] and got["steps"] == 3, f"rank {rank} updated"
 
 
 def test_parameters_that_differ_between_ranks_raise_on_every_rank(parity):

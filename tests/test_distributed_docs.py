@@ -7,7 +7,6 @@ import socket
 from pathlib import Path
 
 import torch.distributed as dist
-
 from steps import FAST
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "distributed.md"

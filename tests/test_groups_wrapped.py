@@ -9,10 +9,10 @@ import datetime
 import pytest
 import torch
 import torch.distributed as dist
+from steps import FAST
 from torch import nn
 
 import dualmode as dm
-from steps import FAST
 
 RULES = [{"params": "fc2.*", "lr_scale": 10.0}, {"params": "*.bias", "lr_scale": 2.0}]
 
@@ -87,3 +87,25 @@ def test_a_ddp_steps_state_dict_has_bare_names_and_loads_without_ddp(seed_net, o
     for a, b in zip(seed_net.parameters(), wrapped.model.module.parameters()):
         assert torch.equal(a, b)
     wrapped.load_state_dict(bare.state_dict())  # and back
+
+
+def test_eager_accumulation_reduces_once_per_update_and_graph_mode_refuses_a_comm_hook(seed_net, one_rank):
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    calls = []
+
+    def counting_hook(state, bucket):
+        calls.append(bucket.index())
+        return allreduce_hook(state, bucket)
+
+    model = nn.parallel.DistributedDataParallel(seed_net)
+    model.register_comm_hook(None, counting_hook)
+    step = Step(model, "eager")
+    step.config.grad_accumulation_steps = 2
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
+    for _ in range(4):  # 2 updates
+        step(x, y)
+    assert step.step_count == 2 and len(calls) == 2 * (max(calls) + 1)  # each bucket once per update
+    step.mode = "graph"
+    with pytest.raises(TypeError, match="cannot run DDP's communication hook"):
+        step(x, y)
