@@ -10,6 +10,7 @@ from dualmode.graph.report import RecompileWarning
 from dualmode.graph.report import TraceError
 from dualmode.groups.describe import describe
 from dualmode.groups.resolver import param_groups
+from dualmode.groups.unwrap import bare_model
 from dualmode.step.config import StepConfig
 from dualmode.step.train_graph import TrainGraph
 
@@ -20,6 +21,7 @@ __all__ = [
     "StepConfig",
     "TraceError",
     "TrainGraph",
+    "bare_model",
     "describe",
     "param_groups",
 ]

@@ -108,6 +108,7 @@ class CompileRecord:
     nodes: int = 0
     inputs: int = 0
     recompute: str = "off"
+    collectives: str = ""  # under DistributedDataParallel: the traced all-reduces and the gradient buckets
 
 
 @dataclass
@@ -162,4 +163,6 @@ class Explanation:
             lines.append(f"  {i + 1}. [{r.phase}] {r.reason}: {r.nodes} ops, {r.inputs} inputs, "
                          f"trace {r.trace_s:.2f} s, first call (compile + run) {r.first_call_s:.2f} s; "
                          f"recomputed in the backward: {r.recompute}")
+            if r.collectives:
+                lines.append(f"     collectives in the graph: {r.collectives}")
         return "\n".join(lines)

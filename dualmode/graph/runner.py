@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils._pytree import tree_unflatten
 
+from dualmode.graph import collectives
 from dualmode.graph.inputs import StepCall
 from dualmode.graph.remat import RecomputePass, installed
 from dualmode.graph.report import FIRST, CompileRecord, RecompileLimitError, RecompileWarning
@@ -156,9 +157,12 @@ class GraphRunner:
         gm, used, tracer = trace_step(call, slots, examples)
         trace_s = time.perf_counter() - start
         options = {k: v for k, v in config.compile_options.items() if v is not None}
-        fn = torch.compile(gm, fullgraph=True, **options)
+        # gm.forward, not gm: fx's call wrapper formats a runtime error (a lost peer, a bad index) with a
+        # generator, which dynamo then fails to compile, hiding the real error behind "Attempt to trace generator".
+        fn = torch.compile(gm.forward, fullgraph=True, **options)
         record = CompileRecord(call.phase, reason, trace_s, inputs=len(used),
-                               nodes=sum(n.op == "call_function" for n in gm.graph.nodes))
+                               nodes=sum(n.op == "call_function" for n in gm.graph.nodes),
+                               collectives=collectives.summary(gm, tracer.reducer))
         self.records.append(record)
         self._last_parts[call.phase] = parts
         self.graph_module = gm

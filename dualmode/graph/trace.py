@@ -15,7 +15,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from dualmode.graph import updates
+from dualmode.graph import collectives, updates
 from dualmode.graph.report import TraceError
 from dualmode.graph.slots import ArgSlot, GradSlot, HasBufferSlot, HyperSlot, Slot, StateSlot, TensorSlot
 from dualmode.step import policy
@@ -25,6 +25,8 @@ from dualmode.step.outputs import loss_of
 def trace_step(call, slots: list[Slot], examples: list[torch.Tensor]):
     """Trace the step of `call` over `slots`; return (graph module, indices of the slots it reads, tracer)."""
     tracer = StepTracer(call, slots)
+    if tracer.reducer is not None:
+        tracer.reducer.check_same_parameters(call)
     try:
         gm = make_fx(tracer, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
     except (TraceError, TypeError, ValueError):
@@ -59,6 +61,7 @@ class StepTracer:
         self.call, self.slots = call, slots
         self.out_spec = None
         self.out_consts: list = []
+        self.reducer = collectives.GradientReducer.for_call(call)  # None unless the step has DDP modules
 
     def __call__(self, *flat):
         call = self.call
@@ -73,7 +76,10 @@ class StepTracer:
                 if is_param and t.requires_grad:
                     stand_in.requires_grad_(True)
         by_id = {id(t): s for t, s in zip(originals, stand_ins)}
-        with swapped(call.tensors.modules, by_id), (torch.enable_grad() if train else torch.no_grad()):
+        if self.reducer is not None:
+            self.reducer.sync_buffers(stand_ins)
+        with swapped(call.tensors.modules, by_id), collectives.through_inner_module(call.tensors.modules), \
+                (torch.enable_grad() if train else torch.no_grad()):
             out = call.step.run_build(args, kwargs)
         if train:
             self._update(values, stand_ins, out)
@@ -102,6 +108,8 @@ class StepTracer:
             raise policy.no_gradient_error(call.step.name)
         loss = loss_of(out)
         ok = torch.isfinite(loss.detach()).all() if (config.check_finite and loss is not None) else None
+        if ok is not None and self.reducer is not None:
+            ok = self.reducer.agree_finite(ok)
         with torch.no_grad():
             grads = {ti: stand_ins[ti].grad for _, ti in members}
             if call.phase == "accumulate":
@@ -111,6 +119,8 @@ class StepTracer:
                 return
             if call.phase == "apply":
                 grads = {ti: values[GradSlot(gi, ti)] + grads[ti] for gi, ti in members}
+            if self.reducer is not None:
+                grads = self.reducer.reduce(grads)  # once per update: after the window's sum, before clipping
             grads = self._clipped(grads, members)
             for gi, ti in members:
                 self._update_one(values, gi, ti, stand_ins[ti], grads[ti], ok)

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from dualmode.groups.unwrap import bare_model
+
 _HEADERS = ("group", "rule", "tensors", "elements", "lr", "lr_scale", "effective lr", "weight decay", "names")
 _RIGHT = {"tensors", "elements", "lr", "lr_scale", "effective lr", "weight decay"}
 _NAMES_SHOWN = 3
@@ -22,7 +24,8 @@ def describe(obj, *, model=None) -> str:
             or an object with ``optimizer`` (an optimizer or ``None``) and ``mode`` attributes, such as a
             ``TrainGraph``.
         model: the model the groups come from. Adds a section listing frozen parameters (and trainable
-            ones in no group, and tensors that are not parameters of the model, if any).
+            ones in no group, and tensors that are not parameters of the model, if any). A
+            DistributedDataParallel or torch.compile wrapper is looked through, as `param_groups` does.
 
     Returns:
         The table as a string: group, rule (index or ``default``), tensors, elements, lr, lr_scale,
@@ -47,6 +50,7 @@ def describe(obj, *, model=None) -> str:
     """
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    model = None if model is None else bare_model(model)
     if isinstance(obj, torch.optim.Optimizer):
         return "\n".join(_optimizer_lines(obj, model))
     if isinstance(obj, (list, tuple)):

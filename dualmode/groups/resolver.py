@@ -14,6 +14,7 @@ from torch import nn
 
 from dualmode.groups.checks import check_hyper, check_layer_args, check_no_weight_decay, check_rules
 from dualmode.groups.selectors import ParamIndex, few, nothing_message, select
+from dualmode.groups.unwrap import bare_model
 
 _KEPT = "; its group is kept, empty, so that groups line up with the rules"
 
@@ -23,8 +24,8 @@ def param_groups(model, rules=(), *, default=None, no_weight_decay=False, layer_
     """Resolve rules into parameter groups for a ``torch.optim`` optimizer.
 
     Args:
-        model: the ``nn.Module`` whose parameters are grouped. Parameters with ``requires_grad=False`` go to
-            no group.
+        model: the ``nn.Module`` whose parameters are grouped, seen through DDP and torch.compile wrappers
+            (names are ``"fc2.*"``, not ``"module.fc2.*"``). Frozen parameters go to no group.
         rules: a sequence of dicts, each with ``"params"`` (a selector) and any optimizer hyperparameters
             (``lr``, ``weight_decay``, ``betas``, ...) and optionally ``lr_scale`` (default 1.0). A selector is
             an ``nn.Module``, an ``nn.Parameter``, a list/tuple/generator of Parameters or Modules, a glob
@@ -73,7 +74,7 @@ def param_groups(model, rules=(), *, default=None, no_weight_decay=False, layer_
     if not isinstance(strict, bool):
         raise TypeError(f"strict must be True or False, got {strict!r}")
 
-    index = ParamIndex(model)
+    index = ParamIndex(bare_model(model))
     notes = []  # (message, tail when only warned) pairs, given once everything is resolved
     chosen, owner = [], {}
     for i, (selector, _, _) in enumerate(checked):

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from dualmode.graph.report import Explanation
-from dualmode.step import policy
+from dualmode.groups.unwrap import bare_model
+from dualmode.step import ddp, policy
 from dualmode.step.config import StepConfig
 from dualmode.step.outputs import detached, loss_of
 from dualmode.step.view import StepView
@@ -150,7 +151,7 @@ class TrainGraph:
         saved = None
         if self.config.check_finite and phase in ("accumulate", "apply"):
             saved = [None if p.grad is None else p.grad.clone() for p in params]
-        with torch.enable_grad():
+        with torch.enable_grad(), ddp.no_sync([m for _, m in self._modules_of_step()], phase == "accumulate"):
             out = self._run_build(args, kwargs)
         if all(p.grad is None for p in params):
             raise policy.no_gradient_error(type(self).__name__)
@@ -179,9 +180,15 @@ class TrainGraph:
         if not self.config.check_finite:
             return
         loss = loss_of(out)
-        if loss is not None and not bool(torch.isfinite(loss.detach()).all()):
-            raise FloatingPointError(f"{type(self).__name__}: the loss is {loss.item()} at step {self.step_count}; "
-                                     f"{what_happened}")
+        if loss is None:
+            return
+        finite = bool(torch.isfinite(loss.detach()).all())
+        bad_ranks = ddp.ranks_not_finite(finite, [m for _, m in self._modules_of_step()])  # None without DDP
+        if finite if bad_ranks is None else not bad_ranks:
+            return
+        where = "" if bad_ranks is None else f" here (not finite on rank {', '.join(map(str, bad_ranks))})"
+        raise FloatingPointError(f"{type(self).__name__}: the loss is {loss.item()}{where} at step "
+                                 f"{self.step_count}; {what_happened}")
 
     def _clip_eager(self) -> None:
         groups = self.optimizer.param_groups
@@ -252,7 +259,7 @@ class TrainGraph:
     def state_dict(self) -> dict:
         """Modules, optimizer, scheduler and step count, as live references (like torch's state_dict)."""
         return {
-            "modules": {name: m.state_dict() for name, m in self._modules_of_step()},
+            "modules": {name: bare_model(m).state_dict() for name, m in self._modules_of_step()},  # any world size
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "lr_scheduler": None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
             "step_count": self.step_count,
@@ -264,7 +271,7 @@ class TrainGraph:
 
         Everything is checked before anything is loaded: a mismatch raises and leaves this step unchanged.
         """
-        modules = dict(self._modules_of_step())
+        modules = {name: bare_model(m) for name, m in self._modules_of_step()}  # DDP's names are "module.*"
         saved = state.get("modules", {})
         if set(saved) != set(modules):
             raise ValueError(f"state_dict holds modules {sorted(saved)}, this step has {sorted(modules)}")

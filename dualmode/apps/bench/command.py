@@ -120,8 +120,19 @@ class Worker:
         self.process.stdout.close()
 
 
+# What `dualmode bench` lacks to run under torchrun, said instead of running one process per rank unasked.
+UNDER_TORCHRUN = (
+    "dualmode bench: error: it runs under torchrun (WORLD_SIZE={world}) but does not support it yet: each variant "
+    "runs in a worker process of its own, and those workers would need to join one process group per variant "
+    "across the ranks. For data-parallel throughput, run benchmarks/distributed.py under torchrun (see "
+    "docs/distributed.md), or `torchrun --nproc_per_node N -m dualmode tutorial`, which prints samples/s.")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; print the table to stdout (progress to stderr); write --json and --plot."""
+    if "WORLD_SIZE" in os.environ:
+        print(UNDER_TORCHRUN.format(world=os.environ["WORLD_SIZE"]), file=sys.stderr)
+        return 2
     settings = BenchSettings(model=args.model, hidden=args.hidden, batch_size=args.batch_size, seed=args.seed,
                              backend=args.backend, compile_mode=args.compile_mode)
     torch.set_num_threads(args.threads)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import io
 import math
 import os
 import sys
@@ -18,6 +19,7 @@ import sys
 import torch
 
 from dualmode.apps.data import load_dataset
+from dualmode.apps.launch import Launch
 from dualmode.apps.tutorial.evaluate import evaluate
 from dualmode.apps.tutorial.progress import Console
 from dualmode.apps.tutorial.report import plot_losses, summary_table
@@ -122,7 +124,18 @@ def _check_backend(backend: str | None) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train in the chosen mode(s), print the tutorial's output and a summary; write --plot."""
+    """Train in the chosen mode(s), print the tutorial's output and a summary; write --plot.
+
+    Under torchrun every rank trains its shard of each global batch; rank 0 alone prints, evaluates and plots.
+    """
+    launch = Launch.from_env()
+    try:
+        return _run(args, launch)
+    finally:
+        launch.close()
+
+
+def _run(args: argparse.Namespace, launch: Launch) -> int:
     modes = ("eager", "graph") if args.mode == "both" else (args.mode,)
     settings = TutorialSettings(lr=args.lr, momentum=args.momentum, batch_size=args.batch_size,
                                 epochs=args.epochs, max_steps=args.max_steps, width_mult=args.width_mult,
@@ -136,12 +149,18 @@ def run(args: argparse.Namespace) -> int:
         test_data = load_dataset(args.data, train=False)
     except (FileNotFoundError, ValueError, ImportError) as error:
         return _fail(f"--data {args.data}: {error}" if args.data else str(error))
-    if "graph" in modes and settings.batch_size > len(train_data):
+    try:
+        launch.shard_size(settings.batch_size)
+    except ValueError as error:
+        return _fail(str(error))
+    if "graph" in modes and settings.batch_size > len(train_data) // launch.world * launch.world:
         return _fail(f"--batch-size {settings.batch_size} is larger than the {len(train_data)} training images: "
                      "graph mode drops the last short batch (a new shape would recompile), so no step would run")
 
-    console = Console()
-    console.say(f"Using cpu device ({torch.get_num_threads()} threads)\n"
+    console = Console() if launch.main else Console(io.StringIO(), io.StringIO())  # only rank 0 speaks
+    ranks = (f"; {launch.world} processes (torchrun), {settings.batch_size // launch.world} images of each batch "
+             "per process" if launch.distributed else "")
+    console.say(f"Using cpu device ({torch.get_num_threads()} threads{ranks})\n"
                 f"data: {train_data.name}; held out: {len(test_data)} images\n"
                 f"model: MobileNetV2, width_mult {settings.width_mult}; SGD, base lr {settings.lr}, momentum "
                 f"{settings.momentum}; batch size {settings.batch_size}; {settings.epochs} epoch(s)"
@@ -153,9 +172,12 @@ def run(args: argparse.Namespace) -> int:
         model = tutorial_model(len(train_data.classes), settings.width_mult)
         model.load_state_dict(initial)
         torch.manual_seed(settings.seed)  # the same seed for dropout in every mode
-        result = train(mode, model, train_data, settings, console)
-        evaluate(model, train_data, test_data, settings, result, console.say)
+        result = train(mode, model, train_data, settings, console, launch)
+        if launch.main:  # the ranks' weights are equal; rank 0's BatchNorm statistics are DDP's reference
+            evaluate(model, train_data, test_data, settings, result, console.say)
         results.append(result)
+    if not launch.main:
+        return 0
 
     console.say("\n=== summary ===\n" + summary_table(results))
     if args.plot:

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 import dualmode as dm
+from dualmode.apps.launch import Launch
 from dualmode.apps.models import mobilenet_v2
 
 GROUPED_MODULES = ("features", "adaptive_avg_pool2d", "classifier")
@@ -132,8 +133,11 @@ def planned_steps(batches_per_epoch: int, settings: TutorialSettings) -> int:
 
 
 def tutorial_step(mode: str, model: nn.Module, settings: TutorialSettings, say) -> MobileNetV2Step:
-    """The tutorial's optimizer (SGD over its three groups) in a `MobileNetV2Step` for `mode`; say what it is."""
-    groups = resolve_groups(tutorial_rules(model, mode, settings.lr), model, say)
+    """The tutorial's optimizer (SGD over its three groups) in a `MobileNetV2Step` for `mode`; say what it is.
+
+    `model` may be wrapped in DistributedDataParallel: the rules name the bare model's modules.
+    """
+    groups = resolve_groups(tutorial_rules(dm.bare_model(model), mode, settings.lr), model, say)
     optimizer = torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
     config = dm.StepConfig()
     config.compile_options["backend"] = settings.backend
@@ -148,22 +152,26 @@ def tutorial_step(mode: str, model: nn.Module, settings: TutorialSettings, say) 
 def _batches(loader: DataLoader, epochs: int, say):
     """(batch index within its epoch, x, y) for every batch of every epoch, saying when an epoch starts."""
     for t in range(epochs):
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(t)  # another shuffle each epoch, the same on every rank
         say(f"Epoch {t + 1}\n-------------------------------")
         for batch, (x, y) in enumerate(loader):
             yield batch, x, y
 
 
-def train(mode: str, model: nn.Module, data, settings: TutorialSettings, console) -> ModeResult:
+def train(mode: str, model: nn.Module, data, settings: TutorialSettings, console,
+          launch: Launch | None = None) -> ModeResult:
     """Train `model` in `mode` ("eager" or "graph") with the tutorial's groups and loop; print as the tutorial does.
 
     `console` (tutorial_progress.Console) receives the tutorial's lines and shows the progress bar and the
-    compile ticker.
+    compile ticker. Under torchrun (`launch`), the model is wrapped in DistributedDataParallel, each rank
+    trains on its shard of every global batch of `settings.batch_size`, and the loss shown is the global one.
     """
     console.say(f"\n=== {mode} mode ===")
-    step = tutorial_step(mode, model, settings, console.say)
+    launch = launch if launch is not None else Launch()  # one process unless run under torchrun
+    step = tutorial_step(mode, launch.wrap(model), settings, console.say)
     # A short last batch would be a new input shape, which graph mode compiles again: drop it there.
-    loader = DataLoader(data, settings.batch_size, shuffle=True, drop_last=(mode == "graph"),
-                        generator=torch.Generator().manual_seed(settings.seed))
+    loader = launch.loader(data, settings.batch_size, drop_last=(mode == "graph"), seed=settings.seed)
     result = ModeResult(mode)
     total = planned_steps(len(loader), settings)
     size = len(loader.dataset)
@@ -175,8 +183,9 @@ def train(mode: str, model: nn.Module, data, settings: TutorialSettings, console
                 start = time.perf_counter()
                 loss = step(x, y).item()
                 result.step_seconds.append(time.perf_counter() - start)
+            loss = launch.mean(loss)
             result.losses.append(loss)
-            result.batch_sizes.append(len(y))
+            result.batch_sizes.append(len(y) * launch.world)
             current = batch * settings.batch_size
             if batch % LOG_EVERY == 0:
                 console.say(f"loss: {loss:>7f}  [{current:>5d}/{size:>5d}]")
