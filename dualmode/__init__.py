@@ -10,10 +10,14 @@ from dualmode.graph.report import RecompileWarning
 from dualmode.graph.report import TraceError
 from dualmode.groups.describe import describe
 from dualmode.groups.resolver import param_groups
+from dualmode.step.checkpoint import load_checkpoint
+from dualmode.step.checkpoint import save_checkpoint
 from dualmode.step.config import StepConfig
+from dualmode.step.state import CheckpointError
 from dualmode.step.train_graph import TrainGraph
 
 __all__ = [
+    "CheckpointError",
     "Explanation",
     "RecompileLimitError",
     "RecompileWarning",
@@ -21,5 +25,7 @@ __all__ = [
     "TraceError",
     "TrainGraph",
     "describe",
+    "load_checkpoint",
     "param_groups",
+    "save_checkpoint",
 ]
