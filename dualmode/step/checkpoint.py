@@ -67,7 +67,8 @@ def load_checkpoint(path: str | os.PathLike, step) -> dict:
     payload = read_payload(path)
     where = os.fspath(path)
     try:
-        saved = torch.load(io.BytesIO(payload), weights_only=True)
+        # To the CPU first: a checkpoint from a GPU machine loads on a CPU one; load_state_dict moves each tensor.
+        saved = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as error:
         raise CheckpointError(f"{where}: the payload cannot be read ({type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else ''})") from error

@@ -243,4 +243,4 @@ def load(step, state) -> None:
     step._micro_steps = state["micro_steps"]
     grads = state["grads"]
     for name, p in optimizer_params(step):
-        p.grad = grads[name].detach().clone() if name in grads else None
+        p.grad = grads[name].detach().to(p.device, copy=True) if name in grads else None
