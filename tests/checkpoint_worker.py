@@ -3,6 +3,7 @@
     python tests/checkpoint_worker.py save   CKPT OUT --accumulate K --save-at N --calls T
     python tests/checkpoint_worker.py resume CKPT OUT --accumulate K --calls T
     python tests/checkpoint_worker.py loop   CKPT            (saves over and over, for the SIGKILL test)
+    python tests/checkpoint_worker.py rank   CKPT            (one rank of a 2-process gloo group: RANK, PORT)
 
 `save` trains T calls without stopping and saves a checkpoint after call N on the way; `resume` starts from
 other weights and other seeds, loads that checkpoint and makes the remaining calls. Both write the final
@@ -70,7 +71,7 @@ def final_state(step: DropoutStep) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("action", choices=("save", "resume", "loop"))
+    parser.add_argument("action", choices=("save", "resume", "loop", "rank"))
     parser.add_argument("checkpoint")
     parser.add_argument("out", nargs="?")
     parser.add_argument("--accumulate", type=int, default=1)
@@ -80,6 +81,9 @@ def main() -> None:
     data = batches(args.calls)
     if args.action == "loop":
         loop(args.checkpoint)
+        return
+    if args.action == "rank":
+        rank(args.checkpoint)
         return
     if args.action == "save":
         step, start = make_step(0, args.accumulate, args.calls), 0
@@ -103,6 +107,34 @@ def loop(path: str) -> None:
                 p.fill_(i)
         dm.save_checkpoint(path, step, number=i)
         print(i, flush=True)
+
+
+def rank(path: str) -> None:
+    """Rank 0 writes, the other rank must not, and both load the file right after save_checkpoint returns."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from dualmode.step import checkpoint
+
+    me = int(os.environ["RANK"])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['PORT']}", rank=me, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        if me != 0:
+            def refuse(*_):
+                raise AssertionError("a rank other than 0 wrote the checkpoint")
+            checkpoint.write_payload = refuse
+        step = make_step(0, 1, 4)
+        step(*batches(1)[0])
+        dm.save_checkpoint(path, step, rank=me)
+        other = make_step(5, 1, 4)
+        extra = dm.load_checkpoint(path, other)  # the barrier: the file is complete on every rank
+        assert extra == {"rank": 0}, extra
+        assert all(torch.equal(a, b) for a, b in zip(step.model.parameters(), other.model.parameters()))
+        print(f"rank {me} ok", flush=True)
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

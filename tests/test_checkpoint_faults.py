@@ -106,3 +106,24 @@ def test_an_eager_call_that_raises_leaves_the_gradients_as_before(where, accumul
         step(x, y)
         reference(x, y)
     assert_bitwise(reference.state_dict(), step.state_dict())
+
+
+def test_under_torch_distributed_rank_0_writes_and_every_rank_loads(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {**os.environ, "PORT": str(port),
+            "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    ranks = [subprocess.Popen([sys.executable, WORKER, "rank", str(tmp_path / "ddp.ckpt")], env={**base, "RANK": r},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in "01"]
+    outs = []
+    try:
+        for process in ranks:
+            out, err = process.communicate(timeout=120)
+            outs.append((process.returncode, out, err[-2000:]))
+    finally:
+        for process in ranks:
+            process.kill()
+    assert [o[:2] for o in outs] == [(0, "rank 0 ok\n"), (0, "rank 1 ok\n")], outs
