@@ -104,3 +104,16 @@ def test_an_extra_value_torch_cannot_load_safely_is_refused_by_name(tmp_path):
     with pytest.raises(TypeError, match=r"extra value 'history'\[1\]\['when'\] is a object"):
         dm.save_checkpoint(tmp_path / "c.ckpt", step, history=[{}, {"when": object()}])
     assert not os.listdir(tmp_path)
+
+
+def test_a_compiled_step_loads_a_checkpoint_without_recompiling(tmp_path):
+    source = _trained(1, 3, "eager")
+    dm.save_checkpoint(tmp_path / "c.ckpt", source)
+    target = _trained(1, 1, "graph")  # compiled, one step of its own
+    assert target.compile_count == 1
+    dm.load_checkpoint(tmp_path / "c.ckpt", target)
+    for x, y in batches(6)[3:]:
+        source(x, y)
+        target(x, y)
+    assert target.compile_count == 1
+    assert_same_state(snapshot(source), snapshot(target))
