@@ -146,14 +146,19 @@ def _check_tensor(own, theirs, where: str) -> None:
         raise CheckpointError(f"{where}: this step has dtype {own.dtype}, the state {theirs.dtype}")
 
 
+def _both_or_neither(saved, live, key: str) -> bool:
+    """True when both the state and the step have `key`, False when neither has; CheckpointError otherwise."""
+    if (saved is None) != (live is None):
+        raise CheckpointError(f"the state has {'no ' if saved is None else ''}{key} state, this step "
+                              f"{'has' if saved is None else 'has no'} {key}")
+    return live is not None
+
+
 def _check_optimizer(step, saved) -> None:
     optimizer = step.optimizer
-    if (saved is None) != (optimizer is None):
-        raise CheckpointError("the state has " + ("no optimizer state, this step has an optimizer" if saved is None
-                                                  else "optimizer state, this step has no optimizer"))
-    if optimizer is None:
+    if not _both_or_neither(saved, optimizer, "optimizer"):
         return
-    if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"}:
+    if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"} or not isinstance(saved["state"], dict):
         raise CheckpointError("the optimizer state must be a dict with 'state' and 'param_groups', "
                               f"got {saved!r:.200}")
     groups = saved["param_groups"]
@@ -163,6 +168,8 @@ def _check_optimizer(step, saved) -> None:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     names = tensor_names(step)
     for gi, (theirs, mine) in enumerate(zip(groups, optimizer.param_groups)):
+        if not isinstance(theirs, dict):
+            raise CheckpointError(f"param group {gi}: the optimizer state has a {type(theirs).__name__}, not a dict")
         if len(theirs.get("params", ())) != len(mine["params"]):
             raise CheckpointError(f"param group {gi}: the optimizer state has {len(theirs.get('params', ()))} "
                                   f"parameters, this step has {len(mine['params'])}")
@@ -174,6 +181,8 @@ def _check_optimizer(step, saved) -> None:
         if not (isinstance(index, int) and 0 <= index < len(params)):
             raise CheckpointError(f"the optimizer state has an entry for parameter {index!r}; this step's "
                                   f"optimizer has {len(params)} parameters")
+        if not isinstance(state, dict):
+            raise CheckpointError(f"the optimizer state of parameter {index} is a {type(state).__name__}, not a dict")
         own = optimizer.state.get(params[index])
         if own:  # the live optimizer has stepped this parameter: the saved state must have the same entries
             where = f"optimizer state of {names.get(id(params[index]), f'parameter {index}')!r}"
@@ -187,10 +196,7 @@ def _check_optimizer(step, saved) -> None:
 
 def _check_scheduler(step, saved) -> None:
     scheduler = step.lr_scheduler
-    if (saved is None) != (scheduler is None):
-        raise CheckpointError("the state has " + ("no lr_scheduler state, this step has a scheduler" if saved is None
-                                                  else "lr_scheduler state, this step has no scheduler"))
-    if scheduler is None:
+    if not _both_or_neither(saved, scheduler, "lr_scheduler"):
         return
     if not isinstance(saved, dict):
         raise CheckpointError(f"the lr_scheduler state must be a dict, got {type(saved).__name__}")
