@@ -40,10 +40,17 @@ def check_states(states) -> None:
         raise CheckpointError("the torch CPU random number generator state is not a uint8 tensor of "
                               f"{torch.get_rng_state().numel()} bytes")
     python = states["python"]
-    if not (isinstance(python, tuple) and len(python) == 3):
-        raise CheckpointError("the Python random state is not a (version, internal state, gauss_next) tuple")
-    if states["numpy"] is not None and not (isinstance(states["numpy"], list) and len(states["numpy"]) == 5):
-        raise CheckpointError("the NumPy random state is not a list of 5 entries")
+    if not (isinstance(python, tuple) and len(python) == 3 and isinstance(python[1], (tuple, list))
+            and len(python[1]) == len(random.getstate()[1])):
+        raise CheckpointError("the Python random state is not a (version, internal state, gauss_next) tuple of "
+                              "this Python's size")
+    np_state = states["numpy"]
+    if np_state is not None and not (isinstance(np_state, list) and len(np_state) == 5 and np_state[0] == "MT19937"
+                                     and isinstance(np_state[1], list) and len(np_state[1]) == 624):
+        raise CheckpointError("the NumPy random state is not [\"MT19937\", 624 keys, pos, has_gauss, cached]")
+    cuda = states["cuda"]
+    if cuda is not None and not (isinstance(cuda, list) and all(isinstance(t, torch.Tensor) for t in cuda)):
+        raise CheckpointError("the CUDA random states are not a list of tensors")
 
 
 def set_states(states: dict) -> None:
