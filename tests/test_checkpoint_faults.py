@@ -15,14 +15,14 @@ import torch
 from torch import nn
 
 import dualmode as dm
-from steps import FAST, Step, assert_bitwise, batches, tiny_groups, tiny_net
+from steps import FAST, Step, assert_bitwise, batches, subprocess_env, tiny_groups, tiny_net
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoint_worker.py")
 
 
 def test_a_process_killed_while_it_saves_leaves_a_checkpoint_that_loads(tmp_path):
     path = tmp_path / "loop.ckpt"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    env = subprocess_env()
     rounds, last_number = 4, 0
     for kill in range(rounds):
         process = subprocess.Popen([sys.executable, WORKER, "loop", str(path)], stdout=subprocess.PIPE, text=True,
@@ -114,8 +114,7 @@ def test_under_torch_distributed_rank_0_writes_and_every_rank_loads(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    base = {**os.environ, "PORT": str(port),
-            "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    base = subprocess_env(PORT=str(port))
     ranks = [subprocess.Popen([sys.executable, WORKER, "rank", str(tmp_path / "ddp.ckpt")], env={**base, "RANK": r},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in "01"]
     outs = []

@@ -272,3 +272,15 @@ def test_a_good_state_loads_into_the_same_live_step_and_shares_nothing(live):
     assert not ptrs & {t.data_ptr() for t in [*live.model.parameters(), *[p.grad for p in live.model.parameters()
                                                                          if p.grad is not None]]}
     assert isinstance(live.model, TinyNet)
+
+
+def test_cuda_rng_states_without_those_devices_load_with_a_warning(tmp_path, live):
+    """A checkpoint from a GPU machine loads on this one; CUDA's RNG cannot be set here, and that is said."""
+    path = tmp_path / "gpu.ckpt"
+    dm.save_checkpoint(path, make_step(tiny_net(4)))
+    payload = torch.load(io.BytesIO(checkpoint.read_payload(path)), weights_only=True)
+    payload["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * (torch.cuda.device_count() + 1)
+    write_state(path, payload)
+    with pytest.warns(UserWarning, match=r"random states of \d+ CUDA devices, this process has \d+: they are not set"):
+        dm.load_checkpoint(path, live)
+    assert torch.equal(live.model.fc1.weight, make_step(tiny_net(4)).model.fc1.weight)

@@ -11,13 +11,14 @@ import pytest
 import torch
 
 import dualmode as dm
-from steps import FAST, Step, assert_bitwise, assert_same_state, batches, snapshot, tiny_groups, tiny_net
+from steps import (FAST, Step, assert_bitwise, assert_same_state, batches, snapshot, subprocess_env, tiny_groups,
+                   tiny_net)
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoint_worker.py")
 
 
 def run_worker(*argv: str) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    env = subprocess_env()
     done = subprocess.run([sys.executable, WORKER, *argv], capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
 
