@@ -32,11 +32,11 @@ def optimizer_params(step) -> list[tuple[str, torch.Tensor]]:
     """(qualified name, parameter) of every parameter of the optimizer, in group order, each once."""
     names = tensor_names(step)
     seen, out = set(), []
-    for group in step.optimizer.param_groups if step.optimizer is not None else []:
-        for p in group["params"]:
+    for gi, group in enumerate(step.optimizer.param_groups if step.optimizer is not None else []):
+        for pi, p in enumerate(group["params"]):
             if id(p) not in seen:
                 seen.add(id(p))
-                out.append((names.get(id(p), f"<tensor of shape {_shape(p)} outside the modules>"), p))
+                out.append((names.get(id(p), f"<param group {gi}, parameter {pi}: outside the modules>"), p))
     return out
 
 

@@ -175,7 +175,7 @@ def train(mode: str, model: nn.Module, data, settings: TutorialSettings, console
     if done:
         console.say(f"resumed from {path} after step {done} of {total}")
     model.train()
-    with console.progress(total - done, mode) as bar:
+    with console.progress(max(0, total - done), mode) as bar:
         for i, (batch, x, y) in enumerate(itertools.islice(_batches(loader, settings.epochs, console.say), total)):
             if i < done:  # trained before the restart: draw the batch (same data order), skip the step
                 continue
