@@ -11,10 +11,14 @@ from dualmode.graph.report import TraceError
 from dualmode.groups.describe import describe
 from dualmode.groups.resolver import param_groups
 from dualmode.groups.unwrap import bare_model
+from dualmode.step.checkpoint import load_checkpoint
+from dualmode.step.checkpoint import save_checkpoint
 from dualmode.step.config import StepConfig
+from dualmode.step.state import CheckpointError
 from dualmode.step.train_graph import TrainGraph
 
 __all__ = [
+    "CheckpointError",
     "Explanation",
     "RecompileLimitError",
     "RecompileWarning",
@@ -23,5 +27,7 @@ __all__ = [
     "TrainGraph",
     "bare_model",
     "describe",
+    "load_checkpoint",
     "param_groups",
+    "save_checkpoint",
 ]

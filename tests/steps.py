@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from torch import nn
@@ -80,3 +81,28 @@ def assert_same_state(a: tuple[dict, dict], b: tuple[dict, dict], rtol=1e-4, ato
         for k in opt_a[i]:
             torch.testing.assert_close(opt_a[i][k], opt_b[i][k], rtol=rtol, atol=atol,
                                        msg=lambda m, i=i, k=k: f"state[{i}][{k}]: {m}")
+
+
+def assert_bitwise(a, b, where: str = "state") -> None:
+    """Nested dicts, lists and tuples of tensors and plain values: equal bit for bit, dtypes included."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys {sorted(a, key=str)} vs {sorted(b, key=str)}"
+        for k in a:
+            assert_bitwise(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: lengths {len(a)} vs {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(**extra: str) -> dict:
+    """The environment for a test's child process: this checkout's dualmode first on the path."""
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}

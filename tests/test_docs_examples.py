@@ -20,6 +20,7 @@ PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").
 # (page, first line of the block) -> why it does not run in this test.
 SKIPPED = {
     ("README.md", 24): "compiles with inductor (tens of seconds); tests/test_readme.py runs it, marked inductor",
+    ("docs/distributed.md", 37): "needs torchrun's environment; tests/distributed/test_docs.py runs it as one rank",
 }
 
 FENCE = re.compile(r"^(?:<!-- docs-test: skip \((?P<why>[^)]*)\) -->\n)?```(?P<lang>[^\n`]*)\n(?P<code>.*?)^```$",

@@ -13,7 +13,24 @@ from torch import nn
 
 
 def bare_model(model: nn.Module) -> nn.Module:
-    """The model inside any DistributedDataParallel, DataParallel and torch.compile wrappers."""
+    """The model inside any DistributedDataParallel, DataParallel and torch.compile wrappers.
+
+    Args:
+        model: an `nn.Module`, wrapped (however deeply) or not.
+
+    Returns:
+        The innermost module: the model as the user defined it, whose parameter names the rules of
+        `dm.param_groups` use (`fc2.weight`, not `module.fc2.weight`). A bare model is returned as it is.
+
+    Raises:
+        Nothing: any module is accepted.
+
+    Example:
+        >>> import torch, dualmode as dm
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> dm.bare_model(torch.nn.DataParallel(model)) is model
+        True
+    """
     while True:
         inner = _wrapped(model)
         if inner is None:

@@ -10,14 +10,12 @@ accumulated) lives in the ordinary PyTorch objects, so the mode can change betwe
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import torch
 from torch import nn
 
 from dualmode.graph.report import Explanation
-from dualmode.groups.unwrap import bare_model
-from dualmode.step import ddp, policy
+from dualmode.step import ddp, grads, policy, state
 from dualmode.step.config import StepConfig
 from dualmode.step.outputs import detached, loss_of
 from dualmode.step.view import StepView
@@ -114,7 +112,9 @@ class TrainGraph:
             if phase == "apply":
                 self.optimizer.zero_grad(set_to_none=True)
         else:
-            out = self._eager(phase, args, kwargs)
+            # A build() or update that raises leaves p.grad as before the call (summed micro-batches kept).
+            with grads.restored_on_error(grads.every_param(self.optimizer, self._modules_of_step())):
+                out = self._eager(phase, args, kwargs)
         return self._finish(phase, out)
 
     def _check_ready(self) -> None:
@@ -257,41 +257,18 @@ class TrainGraph:
     # Saving and loading -----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Modules, optimizer, scheduler and step count, as live references (like torch's state_dict)."""
-        return {
-            "modules": {name: bare_model(m).state_dict() for name, m in self._modules_of_step()},  # any world size
-            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
-            "lr_scheduler": None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
-            "step_count": self.step_count,
-            "micro_steps": self._micro_steps,
-        }
+        """Modules, optimizer, scheduler, step count and an accumulation window in progress (its micro-step count
+        and summed gradients), with the layout of the groups, as live references (like torch's state_dict)."""
+        return state.build(self)
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, saved: dict) -> None:
         """Load what `state_dict()` gave, from either mode; copies, so nothing is shared with the source.
 
-        Everything is checked before anything is loaded: a mismatch raises and leaves this step unchanged.
+        Everything is checked before anything is loaded: a mismatch raises `dm.CheckpointError` naming it and
+        leaves this step unchanged.
         """
-        modules = {name: bare_model(m) for name, m in self._modules_of_step()}  # DDP's names are "module.*"
-        saved = state.get("modules", {})
-        if set(saved) != set(modules):
-            raise ValueError(f"state_dict holds modules {sorted(saved)}, this step has {sorted(modules)}")
-        for name, module in modules.items():
-            own = module.state_dict()
-            if set(own) != set(saved[name]):
-                missing, extra = sorted(set(own) - set(saved[name])), sorted(set(saved[name]) - set(own))
-                raise ValueError(f"state_dict of module {name!r} does not match: missing {missing}, unexpected {extra}")
-        for key in ("optimizer", "lr_scheduler"):
-            if (state.get(key) is None) != (getattr(self, "optimizer" if key == "optimizer" else key) is None):
-                raise ValueError(f"state_dict has {'no ' if state.get(key) is None else ''}{key} state, "
-                                 f"this step {'has' if state.get(key) is None else 'has none'}")
-        for name, module in modules.items():
-            module.load_state_dict(saved[name])
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.load_state_dict(copy.deepcopy(state["lr_scheduler"]))
-        self.step_count = int(state["step_count"])
-        self._micro_steps = int(state.get("micro_steps", 0))
+        state.check(self, saved)
+        state.load(self, saved)
 
 
 @contextlib.contextmanager
@@ -305,3 +282,4 @@ def _effective_lr(optimizer: torch.optim.Optimizer):
     finally:
         for group, lr in zip(optimizer.param_groups, saved):
             group["lr"] = lr
+

@@ -62,7 +62,7 @@ def test_help_lists_the_options():
     code, out, _ = run_cli("tutorial", "--help")
     assert code == 0
     for option in ("--mode", "--data", "--epochs", "--max-steps", "--batch-size", "--plot", "--lr", "--momentum",
-                   "--width-mult", "--decay-every", "--backend", "--seed"):
+                   "--width-mult", "--decay-every", "--backend", "--seed", "--checkpoint", "--checkpoint-every"):
         assert option in out
 
 

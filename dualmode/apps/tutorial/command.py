@@ -2,7 +2,8 @@
 
 Eager mode uses the tutorial's absolute per-group lrs and its per-group decay every 10 batches; graph mode its
 `lr_scale` per group, baked into one compiled step. `--mode both` trains each from the same initial weights and
-seed and prints a summary side by side. The training code is in train.py, the output in
+seed and prints a summary side by side; `--checkpoint DIR` saves every N steps and resumes when restarted
+(resume.py). The training code is in train.py, the output in
 progress.py and report.py. See docs/tutorial.md.
 """
 
@@ -23,6 +24,7 @@ from dualmode.apps.launch import Launch
 from dualmode.apps.tutorial.evaluate import evaluate
 from dualmode.apps.tutorial.progress import Console
 from dualmode.apps.tutorial.report import plot_losses, summary_table
+from dualmode.apps.tutorial.resume import ResumeError
 from dualmode.apps.tutorial.train import TutorialSettings, train, tutorial_model
 
 NAME = "tutorial"
@@ -37,6 +39,7 @@ DEFAULT_WIDTH_MULT = 1.0
 DEFAULT_BATCH_SIZE = 64  # the tutorial's BATCH_SIZE
 DEFAULT_DECAY_EVERY = 10  # the tutorial decays the lrs every 10 batches
 DEFAULT_BN_BATCHES = 16
+DEFAULT_CHECKPOINT_EVERY = 50
 
 
 def _number(convert, least, *, inclusive: bool = True, below=None):
@@ -94,6 +97,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "compile, for quick checks)")
     parser.add_argument("--seed", type=int, default=0, metavar="N",
                         help="seed of the weights, dropout and shuffling (default: 0)")
+    parser.add_argument("--checkpoint", metavar="DIR", default=None,
+                        help="save each mode's run to DIR/<mode>.ckpt every --checkpoint-every steps and at its "
+                             "end; when restarted with the same options, resume from there (see docs/checkpoints.md)")
+    parser.add_argument("--checkpoint-every", type=_number(int, 1), default=DEFAULT_CHECKPOINT_EVERY, metavar="N",
+                        help=f"steps between two checkpoints (default: {DEFAULT_CHECKPOINT_EVERY})")
 
 
 def _fail(message: str) -> int:
@@ -123,6 +131,19 @@ def _check_backend(backend: str | None) -> str | None:
     return None
 
 
+def _check_checkpoint_folder(folder: str | None) -> str | None:
+    """Why --checkpoint cannot be used (None if it can); creates the folder if its parent exists."""
+    if folder is None:
+        return None
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return f"--checkpoint {folder}: not a folder"
+    parent = os.path.dirname(os.path.abspath(folder))
+    if not os.path.isdir(parent):
+        return f"--checkpoint {folder}: the folder {parent} does not exist"
+    os.makedirs(folder, exist_ok=True)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """Train in the chosen mode(s), print the tutorial's output and a summary; write --plot.
 
@@ -140,8 +161,10 @@ def _run(args: argparse.Namespace, launch: Launch) -> int:
     settings = TutorialSettings(lr=args.lr, momentum=args.momentum, batch_size=args.batch_size,
                                 epochs=args.epochs, max_steps=args.max_steps, width_mult=args.width_mult,
                                 decay_every=args.decay_every, seed=args.seed, backend=args.backend,
-                                bn_batches=args.bn_batches)
-    problem = _check_plot_path(args.plot) or _check_backend(args.backend if "graph" in modes else None)
+                                bn_batches=args.bn_batches, checkpoint=args.checkpoint,
+                                checkpoint_every=args.checkpoint_every)
+    problem = (_check_plot_path(args.plot) or _check_backend(args.backend if "graph" in modes else None)
+               or _check_checkpoint_folder(args.checkpoint))
     if problem:
         return _fail(problem)
     try:
@@ -172,7 +195,10 @@ def _run(args: argparse.Namespace, launch: Launch) -> int:
         model = tutorial_model(len(train_data.classes), settings.width_mult)
         model.load_state_dict(initial)
         torch.manual_seed(settings.seed)  # the same seed for dropout in every mode
-        result = train(mode, model, train_data, settings, console, launch)
+        try:
+            result = train(mode, model, train_data, settings, console, launch)
+        except ResumeError as error:
+            return _fail(f"--checkpoint {args.checkpoint}: {error}")
         if launch.main:  # the ranks' weights are equal; rank 0's BatchNorm statistics are DDP's reference
             evaluate(model, train_data, test_data, settings, result, console.say)
         results.append(result)

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import dualmode as dm
 from dualmode.apps.launch import Launch
 from dualmode.apps.models import mobilenet_v2
+from dualmode.apps.tutorial import resume
 
 GROUPED_MODULES = ("features", "adaptive_avg_pool2d", "classifier")
 EAGER_LR_RATIOS = (1.0, 0.1, 0.01)  # the tutorial's 1e-3, 1e-4, 1e-5 for a base lr of 1e-3
@@ -48,6 +49,8 @@ class TutorialSettings:
     seed: int
     backend: str
     bn_batches: int
+    checkpoint: str | None = None  # a folder: save every `checkpoint_every` steps, resume from it when restarted
+    checkpoint_every: int = 50
 
 
 @dataclass
@@ -175,9 +178,15 @@ def train(mode: str, model: nn.Module, data, settings: TutorialSettings, console
     result = ModeResult(mode)
     total = planned_steps(len(loader), settings)
     size = len(loader.dataset)
+    path = settings.checkpoint and resume.checkpoint_path(settings.checkpoint, mode)
+    done = resume.resume(path, step, result, settings, data.name) if path else 0
+    if done:
+        console.say(f"resumed from {path} after step {done} of {total}")
     model.train()
-    with console.progress(total, mode) as bar:
-        for batch, x, y in itertools.islice(_batches(loader, settings.epochs, console.say), total):
+    with console.progress(max(0, total - done), mode) as bar:
+        for i, (batch, x, y) in enumerate(itertools.islice(_batches(loader, settings.epochs, console.say), total)):
+            if i < done:  # trained before the restart: draw the batch (same data order), skip the step
+                continue
             compiling = mode == "graph" and step.compile_count == 0
             with console.compiling(settings.backend) if compiling else nullcontext():
                 start = time.perf_counter()
@@ -192,6 +201,8 @@ def train(mode: str, model: nn.Module, data, settings: TutorialSettings, console
             if mode == "eager" and batch % settings.decay_every == 0:
                 adjust_learning_rate(step.optimizer)
             bar.advance(loss)
+            if path and ((i + 1) % settings.checkpoint_every == 0 or i + 1 == total):
+                resume.save(path, step, result, i + 1, settings, data.name)
     result.compiles = step.compile_count
     records = step.explain().compiles
     if records:
