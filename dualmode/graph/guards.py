@@ -1,0 +1,268 @@
+"""What a traced step read from Python, and a cheap check before each call that none of it has changed.
+
+make_fx bakes into the graph every Python value the traced code reads: a loss weight `self.alpha`, `dropout.p`,
+which module `model.act` is, the hooks a module has. It has no guards of its own (dynamo's are not in play),
+so graph mode records, while it traces `build()`, which instance attributes of the step and of every nn.Module
+were read (`recording` patches `__getattribute__` of nn.Module and TrainGraph for the length of the trace),
+and keeps what each one held. Before every later call, `Guard.change()` reads those attributes again and
+compares them with what the trace saw; the runner recompiles on a change, naming the attribute.
+What is compared: a number, string or other immutable value by value; a module, function or other object by
+identity (a plain object's own attributes one level deep as well); a list, tuple or dict (hooks, a
+Sequential's children) item by item; a tensor by identity, shape, dtype, device and requires_grad.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import types
+
+import torch
+from torch import nn
+
+_MISSING = object()  # an attribute that was not there
+_IMMUTABLE = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device, enum.Enum, range)
+_SKIP_MODULE = frozenset({"_parameters", "_buffers", "training", "__dict__", "__class__"})  # in the cache key
+HOOK_DICTS = {
+    "_forward_hooks": "forward hooks", "_forward_pre_hooks": "forward pre-hooks",
+    "_backward_hooks": "backward hooks", "_backward_pre_hooks": "backward pre-hooks",
+    "_forward_hooks_with_kwargs": "forward hooks", "_forward_hooks_always_called": "forward hooks",
+    "_forward_pre_hooks_with_kwargs": "forward pre-hooks",
+}
+
+
+class _Same:
+    """Compares equal only to the very same object (and keeps it alive, so its id is never reused)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return isinstance(other, _Same) and other.obj is self.obj
+
+    __hash__ = None
+
+
+def fingerprint(value, depth: int = 2):
+    """A value that compares equal exactly when `value` would make the trace compute the same thing."""
+    if isinstance(value, _IMMUTABLE):
+        return value
+    if isinstance(value, torch.Tensor):
+        return (_Same(value), tuple(value.shape), value.dtype, value.device, value.requires_grad)
+    if isinstance(value, (nn.Module, types.FunctionType, types.BuiltinFunctionType, type, types.ModuleType)):
+        return _Same(value)
+    if depth <= 0:
+        return _Same(value)
+    if isinstance(value, (tuple, list)):
+        return (type(value), tuple(fingerprint(v, depth - 1) for v in value))
+    if isinstance(value, dict):
+        return (type(value), tuple((k, fingerprint(v, depth - 1)) for k, v in value.items()))
+    if isinstance(value, types.MethodType):
+        return (_Same(value.__func__), _Same(value.__self__))
+    own = getattr(value, "__dict__", None)
+    if isinstance(own, dict):
+        return (_Same(value), fingerprint(own, depth - 1))
+    return _Same(value)
+
+
+class _Reads:
+    """The attributes read during a trace: {id(obj): (obj, names found on the instance, names looked up)}."""
+
+    def __init__(self):
+        self.by_object: dict[int, tuple[object, set, set]] = {}
+
+    def note(self, obj, name: str, on_instance: bool) -> None:
+        entry = self.by_object.get(id(obj))
+        if entry is None:
+            entry = self.by_object[id(obj)] = (obj, set(), set())
+        (entry[1] if on_instance else entry[2]).add(name)
+
+
+@contextlib.contextmanager
+def recording(classes: tuple[type, ...]):
+    """For the length of the block, note every attribute read on instances of `classes` (nn.Module, TrainGraph).
+
+    A name found in the instance's `__dict__` is watched for its value. A name found elsewhere (a method on the
+    class, a submodule, parameter or buffer found through nn.Module.__getattr__, an absent attribute) is
+    watched so that an instance attribute of that name appearing later (a replaced submodule, a patched
+    `forward`) is seen.
+    """
+    reads = _Reads()
+    base_get = object.__getattribute__
+
+    def getattribute(obj, name):
+        try:
+            value = base_get(obj, name)
+        except AttributeError:
+            if not name.startswith("__"):
+                reads.note(obj, name, False)
+            raise
+        if name in base_get(obj, "__dict__"):
+            reads.note(obj, name, True)
+        elif not name.startswith("_"):
+            reads.note(obj, name, False)
+        return value
+
+    saved = [(cls, cls.__dict__.get("__getattribute__", _MISSING)) for cls in classes]
+    for cls, _ in saved:
+        cls.__getattribute__ = getattribute
+    try:
+        yield reads
+    finally:
+        for cls, old in saved:
+            if old is _MISSING:
+                del cls.__getattribute__
+            else:
+                cls.__getattribute__ = old
+
+
+class _Watch:
+    """One attribute the trace read: where to read it again, and what it held."""
+
+    __slots__ = ("label", "name", "store", "children", "value", "print")
+
+    def __init__(self, label: str, name: str, store: dict, children: dict | None):
+        self.label, self.name, self.store, self.children = label, name, store, children
+        value = self.read()
+        self.value = fingerprint(value)
+        self.print = _shown(value)
+
+    def read(self):
+        value = self.store.get(self.name, _MISSING)
+        if value is _MISSING and self.children is not None:
+            value = self.children.get(self.name, _MISSING)
+        return value
+
+
+class Guard:
+    """What one compiled variant read from Python; `change()` says what differs now, or None."""
+
+    def __init__(self, watches: list[_Watch]):
+        self.watches = watches
+        self.values = [w.value for w in watches]
+
+    @classmethod
+    def from_reads(cls, reads: _Reads, labels: dict[int, str], skip_on_owner: frozenset) -> Guard:
+        watches = []
+        for obj, on_instance, looked_up in reads.by_object.values():
+            label = labels.get(id(obj)) or f"a {type(obj).__name__} outside the step"
+            store = object.__getattribute__(obj, "__dict__")
+            is_module = isinstance(obj, nn.Module)
+            skip = _SKIP_MODULE if is_module else skip_on_owner
+            children = store.get("_modules") if is_module else None
+            for name in sorted(on_instance | looked_up):
+                if name in skip or (is_module and _is_tensor_slot(store, name)):
+                    continue
+                watches.append(_Watch(label, name, store, children))
+        return cls(watches)
+
+    def change(self) -> str | None:
+        """A sentence naming the first watched attribute whose value differs from the traced one, or None."""
+        for watch, old in zip(self.watches, self.values):
+            if fingerprint(watch.read()) != old:
+                return _describe(watch, watch.read())
+        return None
+
+
+def _is_tensor_slot(store: dict, name: str) -> bool:
+    # Parameters and buffers are inputs of the graph, checked by the cache key (StepTensors.signature).
+    return name in store.get("_parameters", {}) or name in store.get("_buffers", {})
+
+
+def _shown(value) -> str:
+    if value is _MISSING:
+        return "(not set)"
+    if isinstance(value, dict):
+        return f"{len(value)} entries"
+    text = repr(value).strip().splitlines()[0] if not isinstance(value, torch.Tensor) else (
+        f"a tensor of shape {tuple(value.shape)}")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _describe(watch: _Watch, new) -> str:
+    if watch.name in HOOK_DICTS:
+        old_count, new_count = len(watch.value[1]), len(new)
+        return f"{watch.label}: {HOOK_DICTS[watch.name]} changed ({old_count} -> {new_count} registered)"
+    shown = _shown(new)
+    if shown == watch.print:  # equal reprs: another object of the same kind (a new CrossEntropyLoss())
+        shown = f"another {shown}"
+    return f"{watch.label}.{watch.name} changed: {watch.print} -> {shown}"
+
+
+def module_labels(owner, owner_name: str, modules: list[tuple[str, nn.Module]]) -> dict[int, str]:
+    """{id: qualified name} of the step (its class name) and of every module reached from it."""
+    labels = {id(owner): owner_name}
+    for attr, module in modules:
+        for name, sub in module.named_modules(remove_duplicate=True):
+            labels.setdefault(id(sub), f"{attr}.{name}" if name else attr)
+    return labels
+
+
+def check_per_call_reads(reads: _Reads, owner, owner_name: str, per_call: frozenset) -> None:
+    """TraceError when build() read an attribute of the step that changes at every call (step_count)."""
+    from dualmode.graph.report import TraceError
+
+    entry = reads.by_object.get(id(owner))
+    for name in sorted(per_call & entry[1]) if entry else ():
+        raise TraceError(
+            f"{owner_name}.build() reads self.{name}, which changes at every call, but a traced step keeps the "
+            f"value it had when traced ({getattr(owner, name)!r}). Pass it as a tensor argument instead "
+            f"(step(x, y, torch.tensor(step.{name}))), or run the step with mode='eager'.")
+
+
+def instance_dicts(objects) -> list[tuple[object, dict]]:
+    """Shallow copies of the objects' instance dicts, to see later what a trace assigned."""
+    return [(obj, dict(object.__getattribute__(obj, "__dict__"))) for obj in objects]
+
+
+def check_nothing_assigned(before: list[tuple[object, dict]], labels: dict[int, str], owner_name: str) -> None:
+    """TraceError naming an attribute that build() (or a forward) assigned while it was traced.
+
+    build() runs once, on stand-in tensors, while graph mode traces it: an attribute it assigns would keep the
+    traced value (or a stand-in tensor) instead of being assigned at every call as in eager mode.
+    """
+    from dualmode.graph.report import TraceError
+
+    for obj, old in before:
+        new = object.__getattribute__(obj, "__dict__")
+        for name in sorted(set(old) | set(new)):
+            if old.get(name, _MISSING) is not new.get(name, _MISSING):
+                label = labels.get(id(obj), type(obj).__name__)
+                assigned = new.get(name, _MISSING)
+                _restore(before)
+                raise TraceError(
+                    f"{owner_name}.build() assigned {label}.{name} while graph mode traced it "
+                    f"({_shown(old.get(name, _MISSING))} -> {_shown(assigned)}). A traced step "
+                    "runs build() once, on stand-in tensors, so the attribute would not be assigned at each call "
+                    "as in eager mode: return the value from build() instead, or run the step with mode='eager'.")
+
+
+def _restore(before: list[tuple[object, dict]]) -> None:
+    """Put every instance dict back as it was before the trace (no stand-in tensor is left behind)."""
+    for obj, old in before:
+        new = object.__getattribute__(obj, "__dict__")
+        for name in [n for n in new if n not in old]:
+            del new[name]
+        new.update(old)
+
+
+def check_hooks(names: list[str], tensors: list[torch.Tensor], is_param: list[bool]) -> None:
+    """Refuse what graph mode cannot run as eager mode does: tensor hooks on parameters, global module hooks."""
+    for name, t, param in zip(names, tensors, is_param):
+        if param and t.requires_grad and (t._backward_hooks or t._post_accumulate_grad_hooks):
+            kind = "tensor hook (register_hook)" if t._backward_hooks else "post-accumulate-grad hook"
+            raise TypeError(
+                f"graph mode: parameter {name} has a {kind}, which a traced step cannot run at each call as eager "
+                "mode does: remove the hook (clip or scale gradients with config.clip_grad_max_norm or in build()) "
+                "or run the step with mode='eager'")
+    from torch.nn.modules import module as torch_module
+
+    for kind in ("forward", "forward_pre", "backward", "backward_pre"):
+        if getattr(torch_module, f"_global_{kind}_hooks"):
+            raise TypeError(
+                f"graph mode: a global module {kind.replace('_', ' ')} hook is registered "
+                f"(torch.nn.modules.module.register_module_{kind}_hook); it would run on the compiled step itself "
+                "as well as on each module: register it on the modules it is for, or run the step with "
+                "mode='eager'")
