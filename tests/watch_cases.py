@@ -20,7 +20,7 @@ from steps import FAST
 
 
 class WatchNet(nn.Module):
-    """Linear, BatchNorm, LeakyReLU, Dropout, Linear: every kind of Python attribute a forward reads."""
+    """Linear, BatchNorm, LeakyReLU, Dropout, a Sequential, Linear: every kind of Python attribute a forward reads."""
 
     def __init__(self):
         super().__init__()
@@ -28,10 +28,11 @@ class WatchNet(nn.Module):
         self.bn = nn.BatchNorm1d(8)
         self.act = nn.LeakyReLU(0.1)
         self.drop = nn.Dropout(0.25)
+        self.head = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
         self.fc2 = nn.Linear(8, 3)
 
     def forward(self, x):
-        return self.fc2(self.drop(self.act(self.bn(self.fc1(x)))))
+        return self.fc2(self.head(self.drop(self.act(self.bn(self.fc1(x))))))
 
 
 class WatchStep(dm.TrainGraph):
@@ -92,6 +93,12 @@ def _set(obj_path: str, value_fn):
     return change
 
 
+def _set_child(sequential: str, index: int, make):
+    def change(step):
+        getattr(step.model, sequential)[index] = make()
+    return change
+
+
 CHANGES = [
     Change("step's loss weight self.alpha", _set("alpha", lambda: 0.25), "recompile",
            r"WatchStep\.alpha changed: 1\.0 -> 0\.25"),
@@ -101,6 +108,8 @@ CHANGES = [
            r"loss_fn\.label_smoothing changed: 0\.0 -> 0\.3"),
     Change("parameter-free submodule replaced (model.act = nn.Tanh())", _set("model.act", nn.Tanh),
            "recompile", r"model\.act changed: LeakyReLU.* -> Tanh"),
+    Change("a Sequential's child replaced (model.head[1] = nn.Sigmoid())", _set_child("head", 1, nn.Sigmoid),
+           "recompile", r"model\.head\.1 changed: ReLU\(\) -> Sigmoid\(\)"),
     Change("dropout.p changed", _set("model.drop.p", lambda: 0.5), "recompile",
            r"model\.drop\.p changed: 0\.25 -> 0\.5"),
     Change("LeakyReLU.negative_slope changed", _set("model.act.negative_slope", lambda: 0.3), "recompile",

@@ -16,6 +16,9 @@ from __future__ import annotations
 import contextlib
 import enum
 import types
+from collections import OrderedDict
+from itertools import repeat
+from operator import is_
 
 import torch
 from torch import nn
@@ -119,29 +122,53 @@ def recording(classes: tuple[type, ...]):
 
 
 class _Watch:
-    """One attribute the trace read: where to read it again, and what it held."""
+    """One attribute the trace read: the dict to read it from again, what it held, and how to compare it.
 
-    __slots__ = ("label", "name", "store", "children", "value", "print")
+    kind "same": an immutable value, a module, a function or an absent attribute: the very same object means
+    unchanged. "items": a dict of such values (hooks, a module's children): also compared item by item. "deep":
+    anything else (a tensor, a list, a plain object): compared by `fingerprint`.
+    """
 
-    def __init__(self, label: str, name: str, store: dict, children: dict | None):
-        self.label, self.name, self.store, self.children = label, name, store, children
-        value = self.read()
-        self.value = fingerprint(value)
-        self.print = _shown(value)
+    __slots__ = ("label", "name", "store", "ref", "value", "print", "kind")
 
-    def read(self):
-        value = self.store.get(self.name, _MISSING)
-        if value is _MISSING and self.children is not None:
-            value = self.children.get(self.name, _MISSING)
-        return value
+    def __init__(self, label: str, name: str, store: dict):
+        self.label, self.name, self.store = label, name, store
+        self.ref = store.get(name, _MISSING)
+        self.value = fingerprint(self.ref)
+        self.print = _shown(self.ref)
+        self.kind = _kind(self.ref)
+
+
+def _kind(value) -> str:
+    if value is _MISSING or _by_identity(value):
+        return "same"
+    if type(value) in (dict, OrderedDict) and all(_by_identity(v) for v in value.values()):
+        return "items"
+    return "deep"
+
+
+def _by_identity(value) -> bool:
+    if isinstance(value, tuple):
+        return all(isinstance(v, _IMMUTABLE) for v in value)
+    return isinstance(value, _IMMUTABLE + (nn.Module, types.FunctionType, types.BuiltinFunctionType, type))
 
 
 class Guard:
-    """What one compiled variant read from Python; `change()` says what differs now, or None."""
+    """What one compiled variant read from Python; `change()` says what differs now, or None.
+
+    The common case, nothing changed, is three passes in C over flat lists: every watched attribute read again
+    (`dict.get`) and compared by identity with what the trace saw, the items of every watched dict compared
+    with theirs, and the few other values fingerprinted.
+    """
 
     def __init__(self, watches: list[_Watch]):
         self.watches = watches
-        self.values = [w.value for w in watches]
+        self._stores = [w.store for w in watches]
+        self._names = [w.name for w in watches]
+        self._refs = [w.ref for w in watches]
+        self._dicts = [i for i, w in enumerate(watches) if w.kind == "items"]
+        self._items = [tuple(watches[i].ref.items()) for i in self._dicts]
+        self._deep = [i for i, w in enumerate(watches) if w.kind == "deep"]
 
     @classmethod
     def from_reads(cls, reads: _Reads, labels: dict[int, str], skip_on_owner: frozenset) -> Guard:
@@ -151,18 +178,33 @@ class Guard:
             store = object.__getattribute__(obj, "__dict__")
             is_module = isinstance(obj, nn.Module)
             skip = _SKIP_MODULE if is_module else skip_on_owner
-            children = store.get("_modules") if is_module else None
+            children = store.get("_modules", {}) if is_module else {}
             for name in sorted(on_instance | looked_up):
                 if name in skip or (is_module and _is_tensor_slot(store, name)):
                     continue
-                watches.append(_Watch(label, name, store, children))
+                # A submodule found through nn.Module.__getattr__ is read again from the module's children.
+                watches.append(_Watch(label, name, children if name in children and name not in store else store))
         return cls(watches)
 
     def change(self) -> str | None:
         """A sentence naming the first watched attribute whose value differs from the traced one, or None."""
-        for watch, old in zip(self.watches, self.values):
-            if fingerprint(watch.read()) != old:
-                return _describe(watch, watch.read())
+        now = list(map(dict.get, self._stores, self._names, repeat(_MISSING)))
+        if not all(map(is_, now, self._refs)):
+            for i, (new, ref) in enumerate(zip(now, self._refs)):
+                if new is not ref:
+                    watch = self.watches[i]
+                    if fingerprint(new) != watch.value:
+                        return _describe(watch, new)
+                    self._refs[i] = new  # an equal value in a new object: the same from now on
+                    if i in self._dicts:
+                        self._items[self._dicts.index(i)] = tuple(new.items())
+        items = list(map(tuple, map(dict.items, [now[i] for i in self._dicts])))
+        if items != self._items:
+            i = next(i for i, a, b in zip(self._dicts, items, self._items) if a != b)
+            return _describe(self.watches[i], now[i])
+        for i in self._deep:
+            if fingerprint(now[i]) != self.watches[i].value:
+                return _describe(self.watches[i], now[i])
         return None
 
 
@@ -176,12 +218,20 @@ def _shown(value) -> str:
         return "(not set)"
     if isinstance(value, dict):
         return f"{len(value)} entries"
+    if isinstance(value, types.MethodType):
+        return f"the method {value.__func__.__qualname__}"
     text = repr(value).strip().splitlines()[0] if not isinstance(value, torch.Tensor) else (
         f"a tensor of shape {tuple(value.shape)}")
     return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _describe(watch: _Watch, new) -> str:
+    if watch.name == "_modules" and isinstance(new, dict):  # a Sequential's or ModuleList's child replaced
+        old = {k: v.obj if isinstance(v, _Same) else v for k, v in watch.value[1]}
+        for key in list(old) + [k for k in new if k not in old]:
+            if old.get(key, _MISSING) is not new.get(key, _MISSING):
+                return (f"{watch.label}.{key} changed: {_shown(old.get(key, _MISSING))} -> "
+                        f"{_shown(new.get(key, _MISSING))}")
     if watch.name in HOOK_DICTS:
         old_count, new_count = len(watch.value[1]), len(new)
         return f"{watch.label}: {HOOK_DICTS[watch.name]} changed ({old_count} -> {new_count} registered)"
