@@ -18,7 +18,7 @@ import enum
 import types
 from collections import OrderedDict
 from itertools import repeat
-from operator import is_
+from operator import attrgetter, is_, itemgetter
 
 import torch
 from torch import nn
@@ -168,6 +168,8 @@ class Guard:
         self._refs = [w.ref for w in watches]
         self._dicts = [i for i, w in enumerate(watches) if w.kind == "items"]
         self._items = [tuple(watches[i].ref.items()) for i in self._dicts]
+        self._pick_dicts = (lambda now: [now[self._dicts[0]]]) if len(self._dicts) == 1 else (
+            itemgetter(*self._dicts) if self._dicts else (lambda now: ()))
         self._deep = [i for i, w in enumerate(watches) if w.kind == "deep"]
 
     @classmethod
@@ -198,7 +200,7 @@ class Guard:
                     self._refs[i] = new  # an equal value in a new object: the same from now on
                     if i in self._dicts:
                         self._items[self._dicts.index(i)] = tuple(new.items())
-        items = list(map(tuple, map(dict.items, [now[i] for i in self._dicts])))
+        items = list(map(tuple, map(dict.items, self._pick_dicts(now))))
         if items != self._items:
             i = next(i for i, a, b in zip(self._dicts, items, self._items) if a != b)
             return _describe(self.watches[i], now[i])
@@ -298,15 +300,20 @@ def _restore(before: list[tuple[object, dict]]) -> None:
         new.update(old)
 
 
+_TENSOR_HOOKS = attrgetter("_backward_hooks")
+_ACCUMULATE_HOOKS = attrgetter("_post_accumulate_grad_hooks")
+
+
 def check_hooks(names: list[str], tensors: list[torch.Tensor], is_param: list[bool]) -> None:
     """Refuse what graph mode cannot run as eager mode does: tensor hooks on parameters, global module hooks."""
-    for name, t, param in zip(names, tensors, is_param):
-        if param and t.requires_grad and (t._backward_hooks or t._post_accumulate_grad_hooks):
-            kind = "tensor hook (register_hook)" if t._backward_hooks else "post-accumulate-grad hook"
-            raise TypeError(
-                f"graph mode: parameter {name} has a {kind}, which a traced step cannot run at each call as eager "
-                "mode does: remove the hook (clip or scale gradients with config.clip_grad_max_norm or in build()) "
-                "or run the step with mode='eager'")
+    if any(map(_TENSOR_HOOKS, tensors)) or any(map(_ACCUMULATE_HOOKS, tensors)):  # rare: then find which
+        for name, t, param in zip(names, tensors, is_param):
+            if param and t.requires_grad and (t._backward_hooks or t._post_accumulate_grad_hooks):
+                kind = "tensor hook (register_hook)" if t._backward_hooks else "post-accumulate-grad hook"
+                raise TypeError(
+                    f"graph mode: parameter {name} has a {kind}, which a traced step cannot run at each call as "
+                    "eager mode does: remove the hook (clip or scale gradients with config.clip_grad_max_norm or "
+                    "in build()) or run the step with mode='eager'")
     from torch.nn.modules import module as torch_module
 
     for kind in ("forward", "forward_pre", "backward", "backward_pre"):

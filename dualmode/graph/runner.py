@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_unflatten
 from dualmode.graph import diagnose, guards
 from dualmode.graph.inputs import StepCall
 from dualmode.graph.report import FIRST, CompileRecord, RecompileLimitError, RecompileWarning
+from dualmode.graph.randomness import eager_random
 from dualmode.graph.remat import RecomputePass, installed
 from dualmode.graph.trace import StepTracer, trace_step
 from dualmode.step import finite
@@ -160,7 +161,7 @@ class GraphRunner:
         """The call that compiles: with the recompute pass installed in inductor's config while it runs."""
         start = time.perf_counter()
         recompute = compiled.recompute_pass
-        with installed(recompute), torch.no_grad():
+        with installed(recompute), eager_random(), torch.no_grad():
             outs = compiled.fn(*inputs)
         compiled.record.first_call_s = time.perf_counter() - start
         if recompute is not None:
