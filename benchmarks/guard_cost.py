@@ -23,10 +23,11 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-import dualmode as dm  # noqa: E402
-from dualmode.apps.models import mobilenet_v2  # noqa: E402
-from dualmode.graph import guards  # noqa: E402
-from steps import FAST, Step, tiny_net  # noqa: E402
+from steps import FAST, Step, tiny_net
+
+import dualmode as dm
+from dualmode.apps.models import mobilenet_v2
+from dualmode.graph import guards
 
 
 def _per_call_us(fn, repeat: int) -> float:

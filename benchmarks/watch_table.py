@@ -16,9 +16,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-import dualmode as dm  # noqa: E402
-from steps import FAST, Step, tiny_net  # noqa: E402
-from watch_cases import CHANGES, make_watch_step, watch_batches  # noqa: E402
+from steps import FAST, Step, tiny_net
+from watch_cases import CHANGES, make_watch_step, watch_batches
+
+import dualmode as dm
 
 
 def _first_line(error: BaseException) -> str:
@@ -118,20 +119,20 @@ def other_cases():
         before = [p.detach().clone() for p in s.model.parameters()]
         for _ in range(steps):
             s(*data)
-        moved = max(float((p - q).abs().max()) for p, q in zip(s.model.parameters(), before))
+        moved = max(float((p.detach() - q).abs().max()) for p, q in zip(s.model.parameters(), before))
         return f"(no error; parameters moved by {moved:.2g}, compiles {s.compile_count})"
 
     rows = []
     for mode in ("eager", "graph"):
-        rows.append((f"build() calls optimizer.step() [{mode}]", _outcome(lambda: run(mode, calls_step))))
+        rows.append((f"build() calls optimizer.step() [{mode}]", _outcome(lambda mode=mode: run(mode, calls_step))))
     rows.append(("build() forgets loss.backward() [graph]", _outcome(lambda: run("graph", no_backward))))
     rows.append(("float64 input, float32 model [graph]",
                  _outcome(lambda: run("graph", normal, data=(x.double(), y)))))
     for mode in ("eager", "graph"):
         rows.append((f"check_finite, NaN gradient, finite loss [{mode}]",
-                     _outcome(lambda: run(mode, nan_grad, check=True))))
+                     _outcome(lambda mode=mode: run(mode, nan_grad, check=True))))
         rows.append((f"check_finite, build() returns None [{mode}]",
-                     _outcome(lambda: run(mode, returns_none, check=True))))
+                     _outcome(lambda mode=mode: run(mode, returns_none, check=True))))
     rows.append(("build() reads self.step_count [graph]", _outcome(lambda: run("graph", reads_step_count, steps=3))))
 
     def refused_first_call():

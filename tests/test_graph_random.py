@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from steps import FAST, Step, assert_same_state, snapshot
 from torch import nn
 
 import dualmode as dm
-from steps import FAST, Step, assert_same_state, snapshot
 
 
 def _dropout_net():

@@ -7,11 +7,11 @@ change and then equals eager mode, or refuses the call with an error naming it a
 
 import pytest
 import torch
+from steps import assert_same_state, snapshot
 from torch import nn
+from watch_cases import CHANGES, WatchStep, make_watch_step, watch_batches
 
 import dualmode as dm
-from steps import assert_same_state, snapshot
-from watch_cases import CHANGES, WatchStep, make_watch_step, watch_batches
 
 
 def _call(step, x, y, seed):

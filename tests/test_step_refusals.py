@@ -8,9 +8,9 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from steps import FAST, Step, assert_same_state, batches, snapshot, tiny_net
 
 import dualmode as dm
-from steps import FAST, Step, assert_same_state, batches, snapshot, tiny_net
 
 MODES = ["eager", "graph"]
 
@@ -188,7 +188,7 @@ def test_an_input_that_requires_grad_gets_its_grad_as_in_eager():
     grads = {}
     for mode in MODES:
         step = make(mode)
-        (x, y), (x2, y2) = batches(2)
+        (x, y), (_, y2) = batches(2)
         x = x.clone().requires_grad_(True)
         step(x, y)
         first = x.grad.clone()

@@ -9,14 +9,14 @@ then both run two more steps. `expect` is "recompile" (graph recompiles once, wi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
+from steps import FAST
 from torch import nn
 
 import dualmode as dm
-from steps import FAST
 
 
 class WatchNet(nn.Module):

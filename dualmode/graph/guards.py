@@ -129,7 +129,7 @@ class _Watch:
     anything else (a tensor, a list, a plain object): compared by `fingerprint`.
     """
 
-    __slots__ = ("label", "name", "store", "ref", "value", "print", "kind")
+    __slots__ = ("kind", "label", "name", "print", "ref", "store", "value")
 
     def __init__(self, label: str, name: str, store: dict):
         self.label, self.name, self.store = label, name, store
