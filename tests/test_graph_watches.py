@@ -118,8 +118,7 @@ class ReadsStepCount(WatchStep):
 
 
 def test_build_reading_step_count_is_refused_with_a_way_out():
-    model = make_watch_step("graph").model
-    step = ReadsStepCount(model, torch.optim.SGD(model.parameters(), lr=0.1), "graph")
+    step = make_watch_step("graph", ReadsStepCount)
     (x, y), = watch_batches(1)
     with pytest.raises(dm.TraceError, match=r"ReadsStepCount.build\(\) reads self.step_count, which changes at "
                                             r"every call.*torch.tensor\(step.step_count\)"):
@@ -147,15 +146,14 @@ class CountingNet(nn.Module):
 
 
 def test_an_attribute_assigned_while_tracing_is_named():
-    model = make_watch_step("graph").model
-    step = KeepsLogits(model, torch.optim.SGD(model.parameters(), lr=0.1), "graph")
+    step = make_watch_step("graph", KeepsLogits)
     (x, y), = watch_batches(1)
     with pytest.raises(dm.TraceError, match=r"KeepsLogits.build\(\) assigned KeepsLogits.logits while graph mode "
                                             r"traced it \(\(not set\) -> a tensor of shape \(16, 3\)\)"):
         step(x, y)
     assert "logits" not in vars(step)  # put back as it was: no stand-in tensor left on the step
     counting = CountingNet()
-    step = WatchStep(counting, torch.optim.SGD(counting.parameters(), lr=0.1), "graph")
+    step = make_watch_step("graph", model=counting)
     with pytest.raises(dm.TraceError, match=r"assigned model.calls while graph mode traced it \(0 -> 1\)"):
         step(x, y)
     assert counting.calls == 0 and step.compile_count == 0

@@ -51,10 +51,11 @@ class WatchStep(dm.TrainGraph):
         return loss
 
 
-def make_watch_step(mode: str) -> WatchStep:
+def make_watch_step(mode: str, cls: type = WatchStep, model: nn.Module | None = None) -> WatchStep:
+    """A `cls` step (WatchStep or a subclass) on a WatchNet (or `model`), SGD with momentum."""
     torch.manual_seed(0)
-    model = WatchNet()
-    return WatchStep(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), mode)
+    model = WatchNet() if model is None else model
+    return cls(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), mode)
 
 
 def watch_batches(n: int):
