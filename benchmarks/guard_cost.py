@@ -4,7 +4,7 @@
 
 For tests/steps.py's TinyNet and for MobileNetV2 (dualmode.apps.models, batch 2, 32x32), one graph-mode call
 compiles the step (aot_eager backend); then the two checks the runner makes before every call are timed:
-`check_hooks` (tensor hooks on parameters, global module hooks) and `Guard.change()` (every attribute the
+`refusals.check_hooks` (tensor hooks on parameters, global module hooks) and `Guard.change()` (every attribute the
 trace read, compared with the traced value). Prints the number of watched attributes, microseconds per call
 (median of 7 rounds of --repeat calls), and the time of one whole graph-mode step for comparison. The machine
 is shared: the figures move with its load.
@@ -27,7 +27,7 @@ from steps import FAST, Step, tiny_net
 
 import dualmode as dm
 from dualmode.apps.models import mobilenet_v2
-from dualmode.graph import guards
+from dualmode.graph import refusals
 
 
 def _per_call_us(fn, repeat: int) -> float:
@@ -50,7 +50,7 @@ def measure(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, repea
     from dualmode.graph.inputs import StepTensors
 
     tensors = StepTensors(step._modules_of_step())
-    hooks_us = _per_call_us(lambda: guards.check_hooks(tensors.names, tensors.tensors, tensors.is_param), repeat)
+    hooks_us = _per_call_us(lambda: refusals.check_hooks(tensors.names, tensors.tensors, tensors.is_param), repeat)
     guard_us = _per_call_us(guard.change, repeat)
     steps = 5
     start = time.perf_counter()

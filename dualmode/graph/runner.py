@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils._pytree import tree_unflatten
 
-from dualmode.graph import diagnose, guards
+from dualmode.graph import diagnose, guards, refusals
 from dualmode.graph.inputs import StepCall
 from dualmode.graph.report import FIRST, CompileRecord, RecompileLimitError, RecompileWarning
 from dualmode.graph.randomness import eager_random
@@ -113,7 +113,7 @@ class GraphRunner:
     def run(self, step: StepView, phase: str, args: tuple, kwargs: dict):
         """Run one call of the step in graph mode; return build()'s outputs (detached)."""
         call = StepCall(step, phase, args, kwargs)
-        guards.check_hooks(call.tensors.names, call.tensors.tensors, call.tensors.is_param)
+        refusals.check_hooks(call.tensors.names, call.tensors.tensors, call.tensors.is_param)
         parts = call.key_parts()
         key = tuple(parts.items())
         variants = self._cache.get(key, [])

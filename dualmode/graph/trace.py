@@ -15,7 +15,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from dualmode.graph import diagnose, guards, updates
+from dualmode.graph import diagnose, guards, refusals, updates
 from dualmode.graph.report import TraceError
 from dualmode.graph.slots import ArgSlot, GradSlot, HasBufferSlot, HyperSlot, Slot, StateSlot, TensorSlot
 from dualmode.step import finite, policy
@@ -89,12 +89,12 @@ class StepTracer:
         """build(), recording what it reads from Python; refused if it assigns attributes or reads step_count."""
         step = self.call.step
         objects = [step.owner] + list({id(m): m for _, top in self.call.modules for m in top.modules()}.values())
-        before = guards.instance_dicts(o for o in objects if o is not None)
+        before = refusals.instance_dicts(o for o in objects if o is not None)
         classes = (torch.nn.Module,) if step.owner is None else (torch.nn.Module, type(step.owner))
         with guards.recording(classes) as self.reads:
             out = step.run_build(args, kwargs)
-        guards.check_nothing_assigned(before, self.labels, step.name)
-        guards.check_per_call_reads(self.reads, step.owner, step.name, PER_CALL_ATTRIBUTES)
+        refusals.check_nothing_assigned(before, self.labels, step.name)
+        refusals.check_per_call_reads(self.reads, step.owner, step.name, PER_CALL_ATTRIBUTES)
         return out
 
     def _outputs(self, out) -> tuple:
