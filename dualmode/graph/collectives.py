@@ -85,9 +85,11 @@ class GradientReducer:
                 t.copy_(new)
 
     def agree_finite(self, ok: torch.Tensor) -> torch.Tensor:
-        """Traced: True on every rank only when the value was finite on every rank."""
-        bad = funcol.all_reduce((~ok).to(torch.float32).reshape(1), "sum", self.group)
-        return bad[0] == 0
+        """Traced: one flag per rank, the same on every rank: was everything finite there (one all-reduce)."""
+        rank = dist.get_rank(self.group)
+        bad = torch.zeros(self.world, dtype=torch.float32, device=ok.device)
+        bad[rank] = (~ok).to(torch.float32)
+        return funcol.all_reduce(bad, "sum", self.group) == 0
 
     def reduce(self, grads: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Traced: the DDP parameters' gradients averaged over the ranks, in buckets; the others as they are."""

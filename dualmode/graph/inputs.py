@@ -63,9 +63,20 @@ class StepCall:
         self.optimizer = step.optimizer
         self.rule = None
         self._hyper_cache: dict[int, dict[str, float]] = {}
+        self.created: list[tuple[torch.Tensor, str | None]] = []  # state (p, key) and gradients (p, None) made here
         if self.optimizer is not None:
             self.rule = updates.rule_for(self.optimizer)
             self._check_optimizer()
+            self._check_inputs()
+
+    def _check_inputs(self) -> None:
+        for k, v in enumerate(self.leaves):
+            if isinstance(v, torch.Tensor) and v.requires_grad and v.grad_fn is not None:
+                raise ValueError(
+                    f"graph mode: argument {k} of {self.step.name} (shape {tuple(v.shape)}) was computed by autograd "
+                    f"outside the step ({type(v.grad_fn).__name__}); the traced step cannot backpropagate beyond its "
+                    "inputs as eager mode would: detach it, move its computation into build(), or run the step "
+                    "with mode='eager'")
 
     def _check_optimizer(self) -> None:
         optimizer = self.optimizer
@@ -155,13 +166,27 @@ class StepCall:
             state = self.optimizer.state[p]
             if state.get(slot.key) is None:
                 state[slot.key] = self.rule.state(self.rule.flags(group), p, group)[slot.key]
+                self.created.append((p, slot.key))
             return state[slot.key]
         if isinstance(slot, GradSlot):
             p = self.tensors.tensors[slot.tensor]
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+                self.created.append((p, None))
             return p.grad
         raise ValueError(f"unknown input slot {slot!r}")
+
+    def undo_created(self) -> None:
+        """Remove the optimizer state and gradients `fetch` created, for a call that did not update."""
+        for p, key in reversed(self.created):
+            if key is None:
+                p.grad = None
+                continue
+            state = self.optimizer.state.get(p, {})
+            state.pop(key, None)
+            if not state:
+                self.optimizer.state.pop(p, None)
+        self.created.clear()
 
     def _hyper(self, gi: int) -> dict[str, float]:
         if gi not in self._hyper_cache:

@@ -25,20 +25,24 @@ from dataclasses import dataclass
 import torch
 from torch.utils._pytree import tree_unflatten
 
-from dualmode.graph import collectives
+from dualmode.graph import collectives, diagnose, guards, refusals
 from dualmode.graph.inputs import StepCall
+from dualmode.graph.randomness import eager_random
 from dualmode.graph.remat import RecomputePass, installed
 from dualmode.graph.report import FIRST, CompileRecord, RecompileLimitError, RecompileWarning
-from dualmode.graph.trace import trace_step
-from dualmode.step.view import StepView
+from dualmode.graph.trace import StepTracer, trace_step
+from dualmode.step import finite
+from dualmode.step.outputs import loss_of
+from dualmode.step.view import OWN_ATTRIBUTES, StepView
 
 
 @dataclass
 class _Compiled:
     fn: object
+    gm: torch.fx.GraphModule
     slots: list
-    out_spec: object
-    out_consts: list
+    tracer: StepTracer  # out_spec, out_consts, and what the outputs after build()'s own are
+    guard: guards.Guard  # what build() read from Python when traced
     record: CompileRecord
     recompute_pass: RecomputePass | None = None
 
@@ -92,7 +96,7 @@ class GraphRunner:
     """The compiled variants of one TrainGraph's step, and the bookkeeping of its compiles."""
 
     def __init__(self):
-        self._cache: dict[tuple, _Compiled] = {}
+        self._cache: dict[tuple, list[_Compiled]] = {}  # per cache key, variants told apart by their guards
         self._last_parts: dict[str, dict] = {}
         self._scalars: dict[tuple, torch.Tensor] = {}
         self.records: list[CompileRecord] = []
@@ -104,30 +108,60 @@ class GraphRunner:
 
     @property
     def graphs(self) -> int:
-        return len(self._cache)
+        return sum(len(variants) for variants in self._cache.values())
 
     def run(self, step: StepView, phase: str, args: tuple, kwargs: dict):
         """Run one call of the step in graph mode; return build()'s outputs (detached)."""
         call = StepCall(step, phase, args, kwargs)
+        refusals.check_hooks(call.tensors.names, call.tensors.tensors, call.tensors.is_param)
         parts = call.key_parts()
         key = tuple(parts.items())
-        compiled = self._cache.get(key)
-        if compiled is None:
-            compiled = self._cache[key] = self._compile(call, parts)
+        variants = self._cache.get(key, [])
+        compiled = next((c for c in variants if c.guard.change() is None), None)  # as dynamo's cache entries
+        new = compiled is None
+        if new:
+            compiled = self._compile(call, parts, variants[-1].guard.change() if variants else None)
         inputs = [call.fetch(slot, self._scalars) for slot in compiled.slots]
-        if compiled.record.first_call_s:
-            with torch.no_grad():
-                outs = compiled.fn(*inputs)
-        else:
-            outs = self._first_call(compiled, inputs)
-        return tree_unflatten(list(outs) + compiled.out_consts, compiled.out_spec)
+        try:
+            if new:
+                outs = self._first_call(compiled, inputs)
+            else:
+                with torch.no_grad():
+                    outs = compiled.fn(*inputs)
+        except Exception as error:
+            call.undo_created()
+            if new:  # nothing of a failed variant is cached or counted
+                raise diagnose.first_run_error(step.name, error, call.leaves, call.tensors.tensors) from error
+            raise
+        if new:
+            self._register(key, parts, compiled)
+        return self._results(call, compiled, list(outs))
+
+    def _results(self, call: StepCall, compiled: _Compiled, outs: list):
+        """build()'s outputs; hands input gradients back, and refuses a call whose check_finite flags failed."""
+        tracer = compiled.tracer
+        n, grads = tracer.user_outputs, tracer.input_grads
+        out = tree_unflatten(outs[:n] + tracer.out_consts, tracer.out_spec)
+        if tracer.finite_names is not None and not bool(outs[-1].all()):
+            call.undo_created()
+            named = finite.culprits(outs[-1], loss_of(out), tracer.finite_names)
+            raise finite.refusal(call.step.name, getattr(call.step.owner, "step_count", 0), named,
+                                 "the compiled step kept parameters, optimizer state and gradients unchanged")
+        for k, grad in zip(grads, outs[n:n + len(grads)]):
+            leaf = call.leaves[k]
+            if leaf.grad is None:
+                leaf.grad = grad
+            else:
+                with torch.no_grad():
+                    leaf.grad.add_(grad)  # accumulates, as autograd does for a leaf
+        return out
 
     @staticmethod
     def _first_call(compiled: _Compiled, inputs: list):
         """The call that compiles: with the recompute pass installed in inductor's config while it runs."""
         start = time.perf_counter()
         recompute = compiled.recompute_pass
-        with installed(recompute), torch.no_grad():
+        with installed(recompute), eager_random(), torch.no_grad():
             outs = compiled.fn(*inputs)
         compiled.record.first_call_s = time.perf_counter() - start
         if recompute is not None:
@@ -137,9 +171,9 @@ class GraphRunner:
                                          "as compiled before (graph loaded from inductor's cache)")
         return outs
 
-    def _compile(self, call: StepCall, parts: dict) -> _Compiled:
+    def _compile(self, call: StepCall, parts: dict, guard_change: str | None) -> _Compiled:
         name, config = call.step.name, call.step.config
-        reason = self._reason(call.phase, parts)
+        reason = guard_change or self._reason(call.phase, parts)
         recompiles = sum(r.reason != FIRST for r in self.records)
         if reason != FIRST:
             if recompiles >= config.max_recompiles:
@@ -156,6 +190,7 @@ class GraphRunner:
         start = time.perf_counter()
         gm, used, tracer = trace_step(call, slots, examples)
         trace_s = time.perf_counter() - start
+        guard = guards.Guard.from_reads(tracer.reads, tracer.labels, OWN_ATTRIBUTES)
         options = {k: v for k, v in config.compile_options.items() if v is not None}
         # gm.forward, not gm: fx's call wrapper formats a runtime error (a lost peer, a bad index) with a
         # generator, which dynamo then fails to compile, hiding the real error behind "Attempt to trace generator".
@@ -163,9 +198,6 @@ class GraphRunner:
         record = CompileRecord(call.phase, reason, trace_s, inputs=len(used),
                                nodes=sum(n.op == "call_function" for n in gm.graph.nodes),
                                collectives=collectives.summary(gm, tracer.reducer))
-        self.records.append(record)
-        self._last_parts[call.phase] = parts
-        self.graph_module = gm
         recompute = None
         if not config.recompute_activations:
             record.recompute = "off (config.recompute_activations=False)"
@@ -173,7 +205,14 @@ class GraphRunner:
             record.recompute = f"off (backend {options['backend']!r}: the pass runs in inductor)"
         else:
             recompute = RecomputePass()
-        return _Compiled(fn, [slots[i] for i in used], tracer.out_spec, tracer.out_consts, record, recompute)
+        return _Compiled(fn, gm, [slots[i] for i in used], tracer, guard, record, recompute)
+
+    def _register(self, key: tuple, parts: dict, compiled: _Compiled) -> None:
+        """Cache and count a variant once its first run succeeded."""
+        self._cache.setdefault(key, []).append(compiled)
+        self.records.append(compiled.record)
+        self._last_parts[compiled.record.phase] = parts
+        self.graph_module = compiled.gm
 
     def _reason(self, phase: str, parts: dict) -> str:
         last = self._last_parts.get(phase)

@@ -82,6 +82,7 @@ class InputSignature(NamedTuple):
     dtype: torch.dtype | None = None
     device: torch.device | None = None
     value: str = ""
+    requires_grad: bool = False  # the step then hands back its gradient in `.grad`
 
 
 class GroupSignature(NamedTuple):
@@ -94,5 +95,6 @@ class GroupSignature(NamedTuple):
 
 def input_signature(v) -> InputSignature:
     if isinstance(v, torch.Tensor):
-        return InputSignature("tensor", tuple(v.shape), tuple(v.stride()), v.dtype, v.device)
+        return InputSignature("tensor", tuple(v.shape), tuple(v.stride()), v.dtype, v.device,
+                              requires_grad=v.requires_grad)
     return InputSignature("const", value=repr(v))

@@ -15,11 +15,11 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from dualmode.graph import collectives, updates
+from dualmode.graph import collectives, diagnose, guards, refusals, updates
 from dualmode.graph.report import TraceError
 from dualmode.graph.slots import ArgSlot, GradSlot, HasBufferSlot, HyperSlot, Slot, StateSlot, TensorSlot
-from dualmode.step import policy
-from dualmode.step.outputs import loss_of
+from dualmode.step import finite, policy
+from dualmode.step.view import PER_CALL_ATTRIBUTES
 
 
 def trace_step(call, slots: list[Slot], examples: list[torch.Tensor]):
@@ -29,15 +29,10 @@ def trace_step(call, slots: list[Slot], examples: list[torch.Tensor]):
         tracer.reducer.check_same_parameters(call)
     try:
         gm = make_fx(tracer, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
-    except (TraceError, TypeError, ValueError):
-        raise
+    except (TraceError, policy.BuildError, TypeError, ValueError):
+        raise  # dualmode's own errors, and the user's, already name the culprit
     except Exception as error:
-        name = call.step.name
-        cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise TraceError(
-            f"graph mode could not trace {name}.build(). A step that needs Python values of tensors (.item(), "
-            f"an `if` on a tensor) cannot be one graph: run it with mode='eager'. Cause: "
-            f"{type(error).__name__}: {cause}") from error
+        raise diagnose.trace_error(call.step.name, error) from error
     return gm, prune_unused_inputs(gm), tracer
 
 
@@ -62,6 +57,11 @@ class StepTracer:
         self.out_spec = None
         self.out_consts: list = []
         self.reducer = collectives.GradientReducer.for_call(call)  # None unless the step has DDP modules
+        self.reads = None  # what build() read from Python (guards.recording)
+        self.labels = guards.module_labels(call.step.owner, call.step.name, call.modules)
+        self.user_outputs = 0  # the traced function returns build()'s tensors, then:
+        self.input_grads: list[int] = []  # the gradients of these arguments (indices into call.leaves), then
+        self.finite_names: list[str] | None = None  # with check_finite, one flag per value named here
 
     def __call__(self, *flat):
         call = self.call
@@ -75,15 +75,33 @@ class StepTracer:
             for t, stand_in, is_param in zip(originals, stand_ins, call.tensors.is_param):
                 if is_param and t.requires_grad:
                     stand_in.requires_grad_(True)
+        wants_grad = [k for k, v in enumerate(call.leaves) if train and isinstance(v, torch.Tensor) and v.requires_grad]
+        for k in wants_grad:
+            values[ArgSlot(k)].requires_grad_(True)
         by_id = {id(t): s for t, s in zip(originals, stand_ins)}
         if self.reducer is not None:
             self.reducer.sync_buffers(stand_ins)
         with swapped(call.tensors.modules, by_id), collectives.through_inner_module(call.tensors.modules), \
                 (torch.enable_grad() if train else torch.no_grad()):
-            out = call.step.run_build(args, kwargs)
-        if train:
-            self._update(values, stand_ins, out)
-        return self._outputs(out)
+            out = self._watched_build(args, kwargs)
+        flags = self._update(values, stand_ins, out) if train else None
+        outs = self._outputs(out)
+        self.user_outputs = len(outs)
+        self.input_grads = [k for k in wants_grad if values[ArgSlot(k)].grad is not None]
+        outs += tuple(values[ArgSlot(k)].grad for k in self.input_grads)
+        return outs if flags is None else outs + (flags,)
+
+    def _watched_build(self, args, kwargs):
+        """build(), recording what it reads from Python; refused if it assigns attributes or reads step_count."""
+        step = self.call.step
+        objects = [step.owner] + list({id(m): m for _, top in self.call.modules for m in top.modules()}.values())
+        before = refusals.instance_dicts(o for o in objects if o is not None)
+        classes = (torch.nn.Module,) if step.owner is None else (torch.nn.Module, type(step.owner))
+        with guards.recording(classes) as self.reads:
+            out = step.run_build(args, kwargs)
+        refusals.check_nothing_assigned(before, self.labels, step.name)
+        refusals.check_per_call_reads(self.reads, step.owner, step.name, PER_CALL_ATTRIBUTES)
+        return out
 
     def _outputs(self, out) -> tuple:
         out_leaves, self.out_spec = tree_flatten(out)
@@ -106,17 +124,22 @@ class StepTracer:
                     members.append((gi, ti))
         if not members:
             raise policy.no_gradient_error(call.step.name)
-        loss = loss_of(out)
-        ok = torch.isfinite(loss.detach()).all() if (config.check_finite and loss is not None) else None
-        if ok is not None and self.reducer is not None:
-            ok = self.reducer.agree_finite(ok)
+        grads = {ti: stand_ins[ti].grad for _, ti in members}
+        flags = ok = None
+        if config.check_finite:  # the loss and every gradient of this call; where one fails, nothing is written
+            loss = finite.loss_for_check(out, call.step.name)
+            self.finite_names = [call.tensors.names[ti] for _, ti in members]
+            flags = finite.finite_flags(loss, [grads[ti] for _, ti in members])
+            if self.reducer is not None:  # every rank skips the same update: one more flag per rank
+                flags = torch.cat([flags, self.reducer.agree_finite(flags.all())])
+                self.finite_names += [finite.on_rank(r) for r in range(self.reducer.world)]
+            ok = flags.all()
         with torch.no_grad():
-            grads = {ti: stand_ins[ti].grad for _, ti in members}
             if call.phase == "accumulate":
                 for gi, ti in members:
                     summed = values[GradSlot(gi, ti)]
                     write(summed, summed + grads[ti], ok)
-                return
+                return flags
             if call.phase == "apply":
                 grads = {ti: values[GradSlot(gi, ti)] + grads[ti] for gi, ti in members}
             if self.reducer is not None:
@@ -124,6 +147,7 @@ class StepTracer:
             grads = self._clipped(grads, members)
             for gi, ti in members:
                 self._update_one(values, gi, ti, stand_ins[ti], grads[ti], ok)
+        return flags
 
     def _update_one(self, values: dict, gi: int, ti: int, param, grad, ok) -> None:
         rule, group = self.call.rule, self.call.groups[gi]

@@ -27,8 +27,9 @@ class StepConfig:
         clip_grad_norm_type: the norm used for clipping (2.0, 1.0, float("inf"), ...).
         compile_options: keyword arguments for `torch.compile` in graph mode: backend, mode, dynamic, options.
         max_recompiles: how many recompiles graph mode accepts before it raises `RecompileLimitError`.
-        check_finite: raise `FloatingPointError` when the loss is not finite; the update of that step is
-            skipped (parameters and optimizer state unchanged) in both modes.
+        check_finite: raise `FloatingPointError` naming the value when the loss or a gradient is not finite
+            (`ValueError` when build() returns no loss); that call changes no parameter, optimizer state,
+            accumulated gradient or scheduler, in both modes.
         recompute_activations: graph mode with inductor recomputes cheap activations (BatchNorm, ReLU6, ...)
             in the backward instead of keeping them from the forward (remat.py): same numbers, less memory.
 

@@ -6,6 +6,7 @@ Eager mode applies them to real tensors, graph mode while tracing; the arithmeti
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -82,8 +83,12 @@ def clip_sets(groups: list[dict], config) -> list[ClipSet]:
     return sets
 
 
-def no_gradient_error(step_name: str) -> RuntimeError:
-    return RuntimeError(f"{step_name}.build() left no gradient on any parameter of the optimizer: call "
+class BuildError(RuntimeError):
+    """build() did what a step must not do (no backward, its own optimizer.step()); both modes raise it alike."""
+
+
+def no_gradient_error(step_name: str) -> BuildError:
+    return BuildError(f"{step_name}.build() left no gradient on any parameter of the optimizer: call "
                         "loss.backward() inside build()")
 
 
@@ -95,3 +100,34 @@ def mark_stepped(optimizer: torch.optim.Optimizer) -> None:
     """
     if hasattr(optimizer, "_opt_called") or hasattr(optimizer.step, "_wrapped_by_lr_sched"):
         optimizer._opt_called = True
+
+
+@contextlib.contextmanager
+def optimizer_calls_refused(optimizer: torch.optim.Optimizer | None, step_name: str):
+    """For the length of build(): `optimizer.step()` and `zero_grad()` raise BuildError instead of running.
+
+    The step itself updates and zeroes after build(); a build() that did either would update twice (eager
+    mode) or trace torch.optim's internals (graph mode). The methods are shadowed by instance attributes and the
+    optimizer's own attributes (an lr scheduler's wrapper of `step`) are put back exactly as they were.
+    """
+    if optimizer is None:
+        yield
+        return
+    own = vars(optimizer)
+    saved = {name: own[name] for name in ("step", "zero_grad") if name in own}
+
+    def refuse(name):
+        def refused(*args, **kwargs):
+            raise BuildError(f"{step_name}.build() called optimizer.{name}(): the step calls it itself after "
+                             f"build() returns (and zero_grad after the update); remove the call from build()")
+        return refused
+
+    own["step"], own["zero_grad"] = refuse("step"), refuse("zero_grad")
+    try:
+        yield
+    finally:
+        for name in ("step", "zero_grad"):
+            if name in saved:
+                own[name] = saved[name]
+            else:
+                del own[name]

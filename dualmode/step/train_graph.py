@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dualmode.graph.report import Explanation
-from dualmode.step import ddp, grads, policy, state
+from dualmode.step import ddp, finite, grads, policy, state
 from dualmode.step.config import StepConfig
 from dualmode.step.outputs import detached, loss_of
 from dualmode.step.view import StepView
@@ -105,8 +105,7 @@ class TrainGraph:
         self._check_ready()
         phase = self._phase()
         if self._mode == "graph":
-            out = self._graph_runner().run(self._view(), phase, args, kwargs)
-            self._check_finite(out, "the compiled step kept parameters and optimizer state unchanged")
+            out = self._graph_runner().run(self._view(), phase, args, kwargs)  # check_finite runs in the graph
             if phase in ("step", "apply"):
                 policy.mark_stepped(self.optimizer)
             if phase == "apply":
@@ -132,7 +131,8 @@ class TrainGraph:
         return self._graph
 
     def _view(self) -> StepView:
-        return StepView(type(self).__name__, self._modules_of_step(), self.optimizer, self.config, self._run_build)
+        return StepView(type(self).__name__, self._modules_of_step(), self.optimizer, self.config, self._run_build,
+                        owner=self)
 
     def _phase(self) -> str:
         """eval (no optimizer), step (update now), accumulate (add gradients only) or apply (add, then update)."""
@@ -148,19 +148,12 @@ class TrainGraph:
             with torch.no_grad():
                 return self._run_build(args, kwargs)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        saved = None
-        if self.config.check_finite and phase in ("accumulate", "apply"):
-            saved = [None if p.grad is None else p.grad.clone() for p in params]
         with torch.enable_grad(), ddp.no_sync([m for _, m in self._modules_of_step()], phase == "accumulate"):
             out = self._run_build(args, kwargs)
         if all(p.grad is None for p in params):
             raise policy.no_gradient_error(type(self).__name__)
-        try:
-            self._check_finite(out, "the update was skipped and gradients restored")
-        except FloatingPointError:
-            for p, g in zip(params, saved or [None] * len(params)):
-                p.grad = g
-            raise
+        if self.config.check_finite:  # a refusal leaves p.grad as before the call (grads.restored_on_error)
+            self._check_finite(out, [p for p in params if p.grad is not None])
         if phase in ("step", "apply"):
             self._clip_eager()
             with _effective_lr(self.optimizer):
@@ -171,24 +164,22 @@ class TrainGraph:
     def _run_build(self, args: tuple, kwargs: dict):
         """build() under the config's autocast; graph mode calls this while tracing."""
         dtype = self.config.autocast_dtype
-        if dtype is None:
-            return self.build(*args, **kwargs)
-        with torch.autocast(self._device_type(), dtype=dtype):
+        autocast = contextlib.nullcontext() if dtype is None else torch.autocast(self._device_type(), dtype=dtype)
+        with autocast, policy.optimizer_calls_refused(self.optimizer, type(self).__name__):
             return self.build(*args, **kwargs)
 
-    def _check_finite(self, out, what_happened: str) -> None:
-        if not self.config.check_finite:
+    def _check_finite(self, out, params: list) -> None:
+        name = type(self).__name__
+        loss = finite.loss_for_check(out, name)
+        flags = finite.finite_flags(loss, [p.grad for p in params])
+        here = bool(flags.all())
+        bad_ranks = ddp.ranks_not_finite(here, [m for _, m in self._modules_of_step()])  # None without DDP
+        if here and not bad_ranks:
             return
-        loss = loss_of(out)
-        if loss is None:
-            return
-        finite = bool(torch.isfinite(loss.detach()).all())
-        bad_ranks = ddp.ranks_not_finite(finite, [m for _, m in self._modules_of_step()])  # None without DDP
-        if finite if bad_ranks is None else not bad_ranks:
-            return
-        where = "" if bad_ranks is None else f" here (not finite on rank {', '.join(map(str, bad_ranks))})"
-        raise FloatingPointError(f"{type(self).__name__}: the loss is {loss.item()}{where} at step "
-                                 f"{self.step_count}; {what_happened}")
+        names = state.tensor_names(self)
+        named = [finite.on_rank(r) for r in bad_ranks or []]  # first: DDP's reduce spreads one rank's NaN to all
+        named += finite.culprits(flags, loss, [names.get(id(p), "a parameter") for p in params])
+        raise finite.refusal(name, self.step_count, named, "the update was skipped and gradients restored")
 
     def _clip_eager(self) -> None:
         groups = self.optimizer.param_groups
