@@ -61,5 +61,6 @@ def culprits(flags: torch.Tensor, loss: torch.Tensor | None, grad_names: list[st
 
 
 def refusal(step_name: str, step_count: int, named: list[str], what_happened: str) -> FloatingPointError:
+    named = sorted(named, key=lambda n: not n.startswith(ON_RANK))  # the ranks first: DDP spreads a NaN to all
     shown = ", ".join(named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
     return FloatingPointError(f"{step_name}: not finite at step {step_count}: {shown}; {what_happened}")

@@ -177,7 +177,7 @@ class TrainGraph:
         if here and not bad_ranks:
             return
         names = state.tensor_names(self)
-        named = [finite.on_rank(r) for r in bad_ranks or []]  # first: DDP's reduce spreads one rank's NaN to all
+        named = [finite.on_rank(r) for r in bad_ranks or []]
         named += finite.culprits(flags, loss, [names.get(id(p), "a parameter") for p in params])
         raise finite.refusal(name, self.step_count, named, "the update was skipped and gradients restored")
 
