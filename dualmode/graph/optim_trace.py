@@ -215,9 +215,10 @@ def _named(name: str):
 def runtime_names(optimizer, group: dict, index: int) -> tuple[str, ...]:
     """Which of the group's float hyperparameters the traced step can take as 0-d tensors.
 
-    Each is tried alone as a tensor on a copy of the step over two-element parameters (one per distinct
-    number of dimensions of the group's parameters); one the step branches on, or turns into a Python number,
-    fails that trace and is baked instead.
+    They are traced all as tensors on a copy of the step over two-element parameters (one per distinct number
+    of dimensions of the group's parameters); if that fails, each is tried alone: one the step branches on, or
+    turns into a Python number, fails its trace and is baked instead. TypeError naming the optimizer if its
+    step cannot be traced even with every hyperparameter baked.
     """
     shapes = {p.dim(): (p.dtype, (2,) * p.dim()) for p in group["params"] if p.requires_grad}
     if not shapes:
@@ -225,17 +226,33 @@ def runtime_names(optimizer, group: dict, index: int) -> tuple[str, ...]:
     tiny = [torch.zeros(shape, dtype=dtype) for dtype, shape in shapes.values()]
     solo = dict(group, params=tiny)
     initial, _ = initial_state(optimizer, [solo], [(0, p) for p in tiny])
-    keep = []
-    for name in hyper_candidates(optimizer, group):
-        if _traces(optimizer, solo, tiny, initial, {name: _as_tensor(hyper_value(group, name))}):
-            keep.append(name)
-    together = {name: _as_tensor(hyper_value(group, name)) for name in keep}
-    if len(keep) > 1 and not _traces(optimizer, solo, tiny, initial, together):
+    candidates = hyper_candidates(optimizer, group)
+
+    def traces(names):
+        return _traces(optimizer, solo, tiny, initial, {n: _as_tensor(hyper_value(group, n)) for n in names})
+
+    if traces(candidates):
+        return tuple(candidates)
+    error = _trace_error(optimizer, solo, tiny, initial)
+    if error is not None:
+        name = type(optimizer).__name__
+        raise TypeError(f"graph mode cannot trace {name}.step() (param group {index}): it needs Python values of "
+                        f"tensors ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]}). Run this "
+                        "step with mode='eager'.") from error
+    keep = [n for n in candidates if traces([n])]
+    if len(keep) > 1 and not traces(keep):
         keep = keep[:1] if keep[0] == "lr" else []
     return tuple(keep)
 
 
 def _traces(optimizer, group: dict, tiny: list, initial: dict, hypers: dict) -> bool:
+    return _trace_error(optimizer, group, tiny, initial, hypers) is None
+
+
+def _trace_error(optimizer, group: dict, tiny: list, initial: dict, hypers: dict | None = None):
+    """The error of tracing one step of the optimizer over `tiny` with `hypers` as tensors, or None."""
+    hypers = hypers or {}
+
     def step(*flat):
         members = {id(p): (0, f, torch.ones_like(f)) for p, f in zip(tiny, flat[:len(tiny)])}
         state = {id(p): initial.get(id(p), {}) for p in tiny}
@@ -244,9 +261,9 @@ def _traces(optimizer, group: dict, tiny: list, initial: dict, hypers: dict) -> 
 
     try:
         make_fx(step, tracing_mode="fake", _allow_non_fake_inputs=True)(*tiny, *hypers.values())
-    except Exception:  # noqa: BLE001 - any failure means: not as a tensor
-        return False
-    return True
+    except Exception as error:  # noqa: BLE001 - any failure means: not traceable this way
+        return error
+    return None
 
 
 def _as_tensor(value) -> torch.Tensor:

@@ -17,9 +17,14 @@ import torch
 
 from dualmode.graph import optim_trace, updates
 from dualmode.graph.report import RecompileWarning
+from dualmode.graph.rule_adafactor import ADAFACTOR
 from dualmode.graph.slots import HasBufferSlot, HyperSlot, StateSlot
 
-KEPT_RULES: dict[type, updates.UpdateRule] = {torch.optim.SGD: updates.SGD, torch.optim.RMSprop: updates.RMSPROP}
+KEPT_RULES: dict[type, updates.UpdateRule] = {
+    torch.optim.SGD: updates.SGD,
+    torch.optim.RMSprop: updates.RMSPROP,
+    torch.optim.Adafactor: ADAFACTOR,  # torch's step reads .item() of the parameter's norm: not traceable
+}
 NO_EFFECT = ("foreach", "fused")
 
 
@@ -164,7 +169,7 @@ def runtime_names(optimizer: torch.optim.Optimizer, group: dict) -> tuple[str, .
 
     settings = tuple((k, kind(group.get(k))) for k in optimizer.defaults if k not in optim_trace.NOT_THE_OPTIMIZERS)
     params = tuple(sorted({(p.dim(), str(p.dtype)) for p in group["params"] if p.requires_grad}))
-    key = (type(optimizer), settings, params, float(group.get("lr_scale", 1.0)))
+    key = (type(optimizer), settings, params)
     if key not in _RUNTIME:
         _RUNTIME[key] = optim_trace.runtime_names(optimizer, group, 0)
     return _RUNTIME[key]

@@ -33,6 +33,7 @@ class CompileRecord:
     nodes: int = 0
     inputs: int = 0
     recompute: str = "off"
+    updates: list[str] = field(default_factory=list)  # how each group's update was compiled (plans.py)
 
 
 @dataclass
@@ -56,4 +57,5 @@ class Explanation:
             lines.append(f"  {i + 1}. [{r.phase}] {r.reason}: {r.nodes} ops, {r.inputs} inputs, "
                          f"trace {r.trace_s:.2f} s, first call (compile + run) {r.first_call_s:.2f} s; "
                          f"recomputed in the backward: {r.recompute}")
+            lines += [f"     update {u}" for u in r.updates]
         return "\n".join(lines)

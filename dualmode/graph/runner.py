@@ -158,6 +158,8 @@ class GraphRunner:
         fn = torch.compile(gm, fullgraph=True, **options)
         record = CompileRecord(call.phase, reason, trace_s, inputs=len(used),
                                nodes=sum(n.op == "call_function" for n in gm.graph.nodes))
+        if call.plan is not None:
+            record.updates = [call.plan.describe(i, g) for i, g in enumerate(call.groups)]
         self.records.append(record)
         self._last_parts[call.phase] = parts
         self.graph_module = gm

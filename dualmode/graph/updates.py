@@ -30,6 +30,7 @@ class UpdateRule:
         update: `(param, grad, state, hyper, lr, flags) -> (new_param, new_state)`.
         lazy: a state key that torch.optim creates from the first gradient rather than as zeros (SGD's
             momentum buffer); the rule then also gets `state["has_buffer"]`, a 0-d bool tensor.
+        values: reads the `hyper` values from a group, where they are not plain group entries.
     """
 
     hyper: tuple[str, ...]
@@ -37,9 +38,10 @@ class UpdateRule:
     state: Callable[[tuple, Tensor, dict], dict[str, Tensor]]
     update: Callable[..., tuple[Tensor, dict[str, Tensor]]]
     lazy: str | None = None
+    values: Callable[[dict], dict[str, float]] | None = None
 
 
-def _step_tensor() -> Tensor:
+def step_tensor() -> Tensor:
     # torch.optim keeps "step" as a float32 CPU scalar when not capturable.
     return torch.tensor(0.0, dtype=torch.float32)
 
@@ -101,7 +103,7 @@ def _adam_flags(group: dict) -> AdamSwitches:
 
 
 def _adam_state(flags: tuple, p: Tensor, group: dict) -> dict[str, Tensor]:
-    state = {"step": _step_tensor(), "exp_avg": _zeros(p), "exp_avg_sq": _zeros(p)}
+    state = {"step": step_tensor(), "exp_avg": _zeros(p), "exp_avg_sq": _zeros(p)}
     if flags[2]:
         state["max_exp_avg_sq"] = _zeros(p)
     return state
@@ -150,7 +152,7 @@ def _rmsprop_flags(group: dict) -> RMSpropSwitches:
 
 
 def _rmsprop_state(flags: tuple, p: Tensor, group: dict) -> dict[str, Tensor]:
-    state = {"step": _step_tensor(), "square_avg": _zeros(p)}
+    state = {"step": step_tensor(), "square_avg": _zeros(p)}
     if flags[0]:
         state["momentum_buffer"] = _zeros(p)
     if flags[2]:
@@ -198,7 +200,7 @@ def _adagrad_flags(group: dict) -> AdagradSwitches:
 
 def _adagrad_state(flags: tuple, p: Tensor, group: dict) -> dict[str, Tensor]:
     init = group["initial_accumulator_value"]
-    return {"step": _step_tensor(), "sum": torch.full_like(p, init, memory_format=torch.preserve_format)}
+    return {"step": step_tensor(), "sum": torch.full_like(p, init, memory_format=torch.preserve_format)}
 
 
 def _adagrad_update(p, g, state, h, lr, flags):
@@ -243,6 +245,8 @@ def rule_for(optimizer: torch.optim.Optimizer) -> UpdateRule:
 
 def hyper_values(rule: UpdateRule, group: dict) -> dict[str, float]:
     """The group's current numeric hyperparameters, as the rule names them (betas are split in two)."""
+    if rule.values is not None:
+        return rule.values(group)
     values = {}
     for name in rule.hyper:
         if name in ("beta1", "beta2"):
