@@ -118,6 +118,7 @@ def stand_in_group(group: dict, index: int, params: list, hypers: dict) -> dict:
     """A copy of `group` for one traced step: the stand-in params, runtime hyperparameters, trace settings."""
     copy = dict(group)
     copy["params"] = params
+    copy["lr"] = policy.scaled_lr(group["lr"], group, index)  # a baked lr; replaced below when it is an input
     for name, value in hypers.items():
         key, _, i = name.partition(".")
         if i:

@@ -11,6 +11,7 @@ traced step at every call, while the built-in rule takes momentum as a runtime t
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections import defaultdict
 
 import torch
@@ -28,13 +29,20 @@ KEPT_RULES: dict[type, updates.UpdateRule] = {
 NO_EFFECT = ("foreach", "fused")
 
 
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def plan_for(optimizer: torch.optim.Optimizer):
-    """The plan graph mode follows for `optimizer`; TypeError naming it if graph mode cannot run it."""
+    """The plan graph mode follows for `optimizer` (one per optimizer: it keeps what the last compile found out);
+    TypeError naming it if graph mode cannot run it."""
     if isinstance(optimizer, torch.optim.SparseAdam):
         raise TypeError("graph mode cannot run SparseAdam: it steps sparse gradients only, and the gradients of a "
                         "traced step are dense. Run this step with mode='eager' (embeddings with sparse=True).")
     rule = KEPT_RULES.get(type(optimizer))
-    return BuiltinRule(optimizer, rule) if rule is not None else OwnStep(optimizer)
+    plan = _PLANS.get(optimizer)
+    if plan is None or getattr(plan, "rule", None) is not rule:
+        plan = _PLANS[optimizer] = BuiltinRule(optimizer, rule) if rule is not None else OwnStep(optimizer)
+    return plan
 
 
 def _no_effect_note(group: dict) -> str:
@@ -81,6 +89,7 @@ class OwnStep:
         self.name = type(optimizer).__name__
         self._initial: dict[int, dict] | None = None
         self.lazy_keys: tuple[str, ...] = ()
+        self._warned = False
 
     @property
     def lazy(self) -> str | None:
@@ -97,13 +106,14 @@ class OwnStep:
 
     def prepare(self, groups: list[dict]) -> None:
         self._initial, self.lazy_keys = optim_trace.initial_state(self.optimizer, groups, _trained(groups))
-        for i, group in enumerate(groups):
-            if "lr" not in self.hyper_names(group):
-                warnings.warn(
-                    f"{self.name}.step() cannot take a 0-d tensor lr (param group {i}), so graph mode bakes the lr "
-                    "into the compiled step and recompiles whenever it changes. To avoid this, write the update "
-                    "with tensor arithmetic, e.g. p.sub_(lr * update) rather than p.add_(update, alpha=-lr).",
-                    RecompileWarning, stacklevel=6)
+        baked = [i for i, group in enumerate(groups) if "lr" not in self.hyper_names(group)]
+        if baked and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"{self.name}.step() cannot take a 0-d tensor lr (param groups {baked}): it uses the lr as a Python "
+                "number (a comparison, min/max, an `if`), so graph mode bakes the lr into the compiled step and "
+                "recompiles whenever it changes. To avoid this, compute with the lr as a tensor, e.g. "
+                "torch.clamp(lr, max=c) rather than min(lr, c).", RecompileWarning, stacklevel=6)
 
     def state(self, flags, p: torch.Tensor, group: dict) -> dict:
         """The state tensors of `p` in the compiled step: those it holds, and those its first step creates."""
@@ -112,7 +122,7 @@ class OwnStep:
         held = self.optimizer.state.get(p, {})
         keys = [k for k, v in held.items() if isinstance(v, torch.Tensor)]
         created = self._initial.get(id(p), {})
-        return {**{k: held[k] for k in keys}, **{k: v for k, v in created.items() if k not in held}}
+        return {**{k: held[k] for k in keys}, **{k: v.clone() for k, v in created.items() if k not in held}}
 
     def describe(self, index: int, group: dict) -> str:
         runtime = ", ".join(self.hyper_names(group)) or "none"
