@@ -131,22 +131,25 @@ def stand_in_group(group: dict, index: int, params: list, hypers: dict) -> dict:
     return copy
 
 
-def run_step(optimizer, groups: list[dict], members: dict, hypers: dict, state: dict, traced: bool) -> dict:
-    """One `step()` of the optimizer over copies; return {member: (new param, new state dict)}.
+def run_step(optimizer, groups: list[dict], members: dict, hypers: dict, state: dict, traced: bool,
+             in_place: bool = False) -> dict:
+    """One `step()` of the optimizer over copies (or, `in_place`, over the given tensors themselves); return
+    {member: (new param, new state dict)}.
 
     members: {member: (group index, param, grad)}; hypers: {group index: {name: value}};
     state: {member: state dict to start from}. With `traced`, the stand-in settings and compiled code path.
+    In place is what inductor compiles best (input mutations, as for torch.compile(optimizer.step)).
     """
     # Copies that require grad as parameters do: under differentiable=True torch refuses to update such a leaf in
     # place, in eager mode as here.
-    params = {m: p.detach().clone().requires_grad_(True) for m, (_, p, _) in members.items()}
+    params = {m: p if in_place else p.detach().clone().requires_grad_(True) for m, (_, p, _) in members.items()}
     per_group = defaultdict(list)
     for m, (gi, _, grad) in members.items():
         params[m].grad = grad
         per_group[gi].append(params[m])
     new_state = defaultdict(Recording)
     for m, start in state.items():
-        new_state[params[m]] = Recording({k: v.clone() if isinstance(v, torch.Tensor) else v
+        new_state[params[m]] = Recording({k: v.clone() if isinstance(v, torch.Tensor) and not in_place else v
                                           for k, v in start.items()})
     if traced:
         lent_groups = [stand_in_group(g, gi, per_group[gi], hypers.get(gi, {})) for gi, g in enumerate(groups)]

@@ -130,8 +130,12 @@ class OwnStep:
         return (f"group {index}: {self.name}, traced from its own step() (runtime hyperparameters: {runtime}"
                 f"{lazy}){_no_effect_note(group)}")
 
-    def writes(self, values: dict, members: list, stand_ins: list, grads: dict) -> list:
-        """(input, new value) pairs after one traced step: each parameter and each of its state tensors."""
+    def writes(self, values: dict, members: list, stand_ins: list, grads: dict, in_place: bool) -> list:
+        """(input, new value) pairs after one traced step: each parameter and each of its state tensors.
+
+        With `in_place`, the step updates the inputs themselves, and a pair is left only where the step stored a
+        new tensor (or where the lazy state's first step is picked); otherwise it runs on copies.
+        """
         groups = self.optimizer.param_groups
         by_member = {ti: (gi, stand_ins[ti], grads[ti]) for gi, ti in members}
         hypers = {gi: {n: values[HyperSlot(gi, n)] for n in self.hyper_names(g)} for gi, g in enumerate(groups)}
@@ -139,11 +143,13 @@ class OwnStep:
         for slot, value in values.items():
             if isinstance(slot, StateSlot) and slot.tensor in by_member:
                 state[slot.tensor][slot.key] = value
-        later = optim_trace.run_step(self.optimizer, groups, by_member, hypers, state, traced=True)
-        first = later
-        if self.lazy_keys:  # the step as torch runs it when the lazy state does not exist yet
+        first = None
+        if self.lazy_keys:  # the step as torch runs it when the lazy state does not exist yet (on copies, first)
             fresh = {ti: {k: v for k, v in s.items() if k not in self.lazy_keys} for ti, s in state.items()}
             first = optim_trace.run_step(self.optimizer, groups, by_member, hypers, fresh, traced=True)
+        later = optim_trace.run_step(self.optimizer, groups, by_member, hypers, state, traced=True,
+                                     in_place=in_place)
+        first = first or later
         out = []
         for gi, ti in members:
             has = values[HasBufferSlot(gi, ti)] if self.lazy_keys else None
@@ -156,7 +162,7 @@ class OwnStep:
                                    "change from step to step; run it with mode='eager'")
             out.append((stand_ins[ti], _pick(has, new_p, first_p)))
             out += [(dst, _pick(has, new_state[k], first_state[k])) for k, dst in state[ti].items()]
-        return out
+        return [(dst, new) for dst, new in out if new is not dst]
 
 
 def _pick(has, later: torch.Tensor, first: torch.Tensor) -> torch.Tensor:

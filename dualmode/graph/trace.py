@@ -117,7 +117,7 @@ class StepTracer:
                 grads = {ti: values[GradSlot(gi, ti)] + grads[ti] for gi, ti in members}
             grads = self._clipped(grads, members)
             if call.plan.own_step:  # the optimizer's own step(), traced (plans.OwnStep)
-                for dst, new in call.plan.writes(values, members, stand_ins, grads):
+                for dst, new in call.plan.writes(values, members, stand_ins, grads, in_place=ok is None):
                     write(dst, new, ok)
                 return
             for gi, ti in members:
