@@ -5,11 +5,11 @@ Eager mode (torch.optim itself, or the user's class run as written) is the refer
 
 import pytest
 import torch
+from steps import Step, assert_same_state, batches, snapshot, tiny_groups, tiny_net
 from torch import nn
 from torch.optim import lr_scheduler as sched
 
 import dualmode as dm
-from steps import Step, assert_same_state, batches, snapshot, tiny_groups, tiny_net
 
 
 class Lion(torch.optim.Optimizer):
@@ -133,9 +133,9 @@ def test_a_float64_model_with_float32_tensor_lr_and_betas_matches_eager():
 
 
 def test_explain_names_the_route_of_each_group_and_that_foreach_and_fused_change_nothing():
-    graph = parity(lambda g: torch.optim.Adam(g, lr=1e-2, foreach=True), n=2)
+    graph = parity(lambda g: torch.optim.NAdam(g, lr=1e-2, foreach=True), n=2)
     text = str(graph.explain())
-    assert "group 0: Adam, traced from its own step()" in text
+    assert "group 0: NAdam, traced from its own step() (runtime hyperparameters: lr, betas.0, betas.1" in text
     assert "foreach=True: no effect in graph mode" in text
     fused = parity(lambda g: torch.optim.AdamW(g, lr=1e-2, fused=True), n=2)
     assert "fused=True: no effect in graph mode" in str(fused.explain())
@@ -232,10 +232,9 @@ def test_sparse_gradients_are_refused_at_the_first_call_naming_the_parameter_and
 
 @pytest.mark.inductor
 def test_inductor_runs_a_traced_torch_optimizer_and_a_users_one_like_eager():
-    config = lambda: dm.StepConfig()  # noqa: E731 - inductor, the default backend
     for make in (lambda g: torch.optim.NAdam(g, lr=1e-2, weight_decay=0.1), lambda g: Lion(g, lr=1e-3)):
-        eager = run("eager", make, n=3)
-        graph = run("graph", make, lambda o: sched.ExponentialLR(o, 0.9), n=3, config=config())
+        # dm.StepConfig(): inductor, the default backend
+        graph = run("graph", make, lambda o: sched.ExponentialLR(o, 0.9), n=3, config=dm.StepConfig())
         eager = run("eager", make, lambda o: sched.ExponentialLR(o, 0.9), n=3)
         assert_same_state(snapshot(eager), snapshot(graph))
         assert graph.compile_count == 1

@@ -3,9 +3,12 @@
 Both plans give the input slots what they need (the runtime hyperparameters of a group, the switches baked
 into the graph, each parameter's state and its initial value) and, while tracing, the update itself. The
 optimizer's own step is the default for every optimizer, torch.optim's and the user's; a built-in rule of
-updates.py is kept only where it does measurably better (benchmarks/optim_routes.py): SGD and RMSprop, whose
-torch step branches on `momentum` in Python, so a scheduler cycling momentum (OneCycleLR) would recompile the
-traced step at every call, while the built-in rule takes momentum as a runtime tensor.
+updates.py is kept only where it does measurably better (benchmarks/optim_routes.py, results in
+benchmarks/results/): SGD and RMSprop, whose torch step branches on `momentum` in Python, so a scheduler cycling
+momentum (OneCycleLR) would recompile the traced step at every call, while the rule takes momentum as a runtime
+tensor; SGD and Adam, whose rules stepped 2 to 5 times faster (torch's `addcmul_(..., value=1 - beta2)` turns a
+tensor hyperparameter into a `.item()` inside the graph); Adagrad (the same `value=` pattern); Adafactor, whose
+torch step is not traceable at all. The parity tests hold every kept rule to torch.optim.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ from dualmode.graph.rule_adafactor import ADAFACTOR
 from dualmode.graph.slots import HasBufferSlot, HyperSlot, StateSlot
 
 KEPT_RULES: dict[type, updates.UpdateRule] = {
-    torch.optim.SGD: updates.SGD,
-    torch.optim.RMSprop: updates.RMSPROP,
+    torch.optim.SGD: updates.SGD,  # momentum: a Python branch in torch's step; 2x faster steps (benchmark)
+    torch.optim.RMSprop: updates.RMSPROP,  # momentum: a Python branch in torch's step
+    torch.optim.Adam: updates.ADAM,  # 2 to 5x faster steps (benchmark): torch's `value=1 - beta2` is a .item()
+    torch.optim.AdamW: updates.ADAM,
+    torch.optim.Adagrad: updates.ADAGRAD,  # torch's `value=-clr` is a .item() in the graph, as Adam's
     torch.optim.Adafactor: ADAFACTOR,  # torch's step reads .item() of the parameter's norm: not traceable
 }
 NO_EFFECT = ("foreach", "fused")

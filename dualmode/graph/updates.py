@@ -1,9 +1,9 @@
 """How graph mode applies an optimizer's update, as traceable tensor code.
 
-torch.optim's own functional updates turn a tensor lr into a Python number (`_to_scalar`, `.item()`), which a
-traced step cannot do, so graph mode carries its own copy of each update rule here. Each rule is written to
-follow torch.optim's single-tensor loop operation by operation, and the tests hold it to `torch.optim` run in
-eager mode: that is the ground truth.
+Graph mode traces an optimizer's own step() (optim_trace.py); these rules are the few it keeps because they
+run measurably better than the traced torch step (plans.py says which and why). Each rule is written to follow
+torch.optim's single-tensor loop operation by operation, and the tests hold it to `torch.optim` run in eager
+mode: that is the ground truth.
 
 A rule sees one parameter at a time and returns new tensors; the caller writes them back. Hyperparameters that
 schedulers change (lr, momentum, betas, ...) arrive as 0-d tensors, so changing them never recompiles. Switches
@@ -219,40 +219,17 @@ def _adagrad_update(p, g, state, h, lr, flags):
 ADAGRAD = UpdateRule(("lr_decay", "eps", "weight_decay"), _adagrad_flags, _adagrad_state, _adagrad_update)
 
 
-RULES: dict[type, UpdateRule] = {
-    torch.optim.SGD: SGD,
-    torch.optim.Adam: ADAM,
-    torch.optim.AdamW: ADAM,
-    torch.optim.RMSprop: RMSPROP,
-    torch.optim.Adagrad: ADAGRAD,
-}
+def hyper_values(rule: UpdateRule, group: dict) -> dict:
+    """The group's current numeric hyperparameters, as the rule names them (betas are split in two).
 
-
-def rule_for(optimizer: torch.optim.Optimizer) -> UpdateRule:
-    """The update rule graph mode traces for `optimizer`; TypeError if it has none.
-
-    Matched on the exact class: a subclass may change the math, so it is not assumed to be its parent.
+    A tensor stays a tensor: torch.optim computes with it in its own dtype (a float32 lr in a float64 model).
     """
-    rule = RULES.get(type(optimizer))
-    if rule is None:
-        known = ", ".join(sorted(cls.__name__ for cls in RULES))
-        raise TypeError(
-            f"graph mode has no traced update for {type(optimizer).__qualname__}; it supports {known}. "
-            "Run this step with mode='eager', which uses the optimizer's own step()."
-        )
-    return rule
-
-
-def hyper_values(rule: UpdateRule, group: dict) -> dict[str, float]:
-    """The group's current numeric hyperparameters, as the rule names them (betas are split in two)."""
     if rule.values is not None:
         return rule.values(group)
     values = {}
     for name in rule.hyper:
-        if name in ("beta1", "beta2"):
-            values[name] = float(group["betas"][0 if name == "beta1" else 1])
-        else:
-            values[name] = float(group[name])
+        value = group["betas"][0 if name == "beta1" else 1] if name in ("beta1", "beta2") else group[name]
+        values[name] = value if isinstance(value, Tensor) else float(value)
     return values
 
 
