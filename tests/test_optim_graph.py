@@ -238,3 +238,14 @@ def test_inductor_runs_a_traced_torch_optimizer_and_a_users_one_like_eager():
         eager = run("eager", make, lambda o: sched.ExponentialLR(o, 0.9), n=3)
         assert_same_state(snapshot(eager), snapshot(graph))
         assert graph.compile_count == 1
+
+
+def test_the_lion_of_docs_optimizers_md_runs_as_written_in_graph_mode():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "optimizers.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {"torch": torch}
+    exec(code, namespace)  # noqa: S102 - the page's own example
+    graph = parity(lambda g: namespace["Lion"](g, lr=1e-3), lambda o: sched.CosineAnnealingLR(o, T_max=4), n=3)
+    assert graph.compile_count == 1
