@@ -27,7 +27,9 @@ BATCH = {"mlp": 64, "mobilenet_v2": 32}
 
 def one(model_name: str, opt_name: str, route: str, steps: int) -> dict:
     import torch
-    from torch import nn
+    from capture_routes import (
+        Step,  # graph mode, cross-entropy loss; this script's folder is on sys.path
+    )
 
     import dualmode as dm
     from dualmode.apps import models
@@ -38,17 +40,6 @@ def one(model_name: str, opt_name: str, route: str, steps: int) -> dict:
         plans.KEPT_RULES[cls] = {"sgd": updates.SGD, "adam": updates.ADAM}[opt_name]
     else:
         plans.KEPT_RULES.pop(cls, None)
-
-    class Step(dm.TrainGraph):
-        def __init__(self, model, optimizer):
-            super().__init__(mode="graph")
-            self.model = model
-            self.add_optimizer(optimizer)
-
-        def build(self, x, y):
-            loss = nn.functional.cross_entropy(self.model(x), y)
-            loss.backward()
-            return loss
 
     torch.manual_seed(0)
     model = getattr(models, model_name)()
