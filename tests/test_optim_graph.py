@@ -249,3 +249,31 @@ def test_the_lion_of_docs_optimizers_md_runs_as_written_in_graph_mode():
     exec(code, namespace)  # noqa: S102 - the page's own example
     graph = parity(lambda g: namespace["Lion"](g, lr=1e-3), lambda o: sched.CosineAnnealingLR(o, T_max=4), n=3)
     assert graph.compile_count == 1
+
+
+@pytest.mark.parametrize("make_optimizer", [lambda g: torch.optim.NAdam(g, lr=1e-2), lambda g: HeavyBall(g)],
+                         ids=["NAdam", "HeavyBall"])
+def test_a_non_finite_loss_leaves_a_traced_optimizers_parameters_and_state_unchanged(make_optimizer):
+    for mode in ("eager", "graph"):
+        model = tiny_net()
+        step = Step(model, make_optimizer(tiny_groups(model)), mode=mode,
+                    config=dm.StepConfig(check_finite=True, compile_options={"backend": "eager"}))
+        (x, y), = batches(1)
+        step(x, y)
+        before = snapshot(step)
+        with pytest.raises(FloatingPointError, match="the loss is nan"):
+            step(x * float("nan"), y)
+        assert_same_state(before, snapshot(step), rtol=0, atol=0)
+        step(x, y)  # and trains on
+        assert step.step_count == 2
+
+
+def test_a_hyperparameter_the_traced_step_branches_on_is_baked_and_a_change_recompiles_naming_it():
+    def edit(i, step):
+        if i == 0:
+            for group in step.optimizer.param_groups:
+                group["weight_decay"] = 0.2  # NAdam's step reads `if weight_decay != 0` in Python
+
+    with pytest.warns(dm.RecompileWarning, match=r"param group 0 changed its switches: weight_decay: 0.1 -> 0.2"):
+        graph = parity(lambda g: torch.optim.NAdam(g, lr=1e-2, weight_decay=0.1), n=3, on_step=edit)
+    assert graph.compile_count == 2
