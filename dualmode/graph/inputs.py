@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_flatten
 
-from dualmode.graph import updates
+from dualmode.graph import plans
 from dualmode.graph.slots import (
     ArgSlot,
     GradSlot,
@@ -61,11 +61,11 @@ class StepCall:
         self.tensors = StepTensors(self.modules)
         self.leaves, self.in_spec = tree_flatten((args, kwargs))
         self.optimizer = step.optimizer
-        self.rule = None
-        self._hyper_cache: dict[int, dict[str, float]] = {}
+        self.plan = None
+        self._hyper_cache: dict[int, dict] = {}
         self.created: list[tuple[torch.Tensor, str | None]] = []  # state (p, key) and gradients (p, None) made here
         if self.optimizer is not None:
-            self.rule = updates.rule_for(self.optimizer)
+            self.plan = plans.plan_for(self.optimizer)
             self._check_optimizer()
             self._check_inputs()
 
@@ -111,10 +111,12 @@ class StepCall:
         if self.optimizer is not None:
             index = self.tensors.index
             parts["groups"] = tuple(
-                GroupSignature(tuple(index[id(p)] for p in g["params"]), self.rule.flags(g),
+                GroupSignature(tuple(index[id(p)] for p in g["params"]), self.plan.flags(g),
                                (g.get("clip_grad_max_norm"), g.get("clip_grad_norm_type", 2.0)))
                 for g in self.groups)
             parts["lr_scale"] = tuple(float(g.get("lr_scale", 1.0)) for g in self.groups)
+            parts["hyper_dtypes"] = tuple(tuple(_dtype_of(v) for v in self.plan.hyper_values(g).values())
+                                          for g in self.groups)
         return parts
 
     def slots(self) -> list[Slot]:
@@ -123,16 +125,17 @@ class StepCall:
         slots += [ArgSlot(k) for k, v in enumerate(self.leaves) if isinstance(v, torch.Tensor)]
         if self.optimizer is None:
             return slots
+        self.plan.prepare(self.groups)
         for gi, group in enumerate(self.groups):
-            slots += [HyperSlot(gi, name) for name in ("lr",) + self.rule.hyper]
-            flags = self.rule.flags(group)
+            slots += [HyperSlot(gi, name) for name in self.plan.hyper_names(group)]
+            flags = self.plan.flags(group)
             for p in group["params"]:
                 if not p.requires_grad:
                     continue
                 ti = self.tensors.index[id(p)]
-                if self.rule.lazy:
+                if self.plan.lazy:
                     slots.append(HasBufferSlot(gi, ti))
-                slots += [StateSlot(gi, ti, k) for k in self.rule.state(flags, p, group)]
+                slots += [StateSlot(gi, ti, k) for k in self.plan.state(flags, p, group)]
                 if self.phase in ("accumulate", "apply"):
                     slots.append(GradSlot(gi, ti))
         return slots
@@ -142,7 +145,7 @@ class StepCall:
         if isinstance(slot, StateSlot):
             p, group = self.tensors.tensors[slot.tensor], self.groups[slot.group]
             existing = self.optimizer.state.get(p, {}).get(slot.key)
-            return existing if existing is not None else self.rule.state(self.rule.flags(group), p, group)[slot.key]
+            return existing if existing is not None else self.plan.state(self.plan.flags(group), p, group)[slot.key]
         if isinstance(slot, GradSlot):
             p = self.tensors.tensors[slot.tensor]
             return p.grad if p.grad is not None else torch.zeros_like(p)
@@ -156,16 +159,18 @@ class StepCall:
         if isinstance(slot, ArgSlot):
             return self.leaves[slot.index]
         if isinstance(slot, HyperSlot):
-            return _scalar(scalars, slot, torch.float64).fill_(self._hyper(slot.group)[slot.name])
+            value = self._hyper(slot.group)[slot.name]
+            value = value.detach().reshape(()) if isinstance(value, torch.Tensor) else value
+            return _scalar(scalars, slot, _dtype_of(value)).fill_(value)
         if isinstance(slot, HasBufferSlot):
             p = self.tensors.tensors[slot.tensor]
-            has = self.optimizer.state.get(p, {}).get(self.rule.lazy) is not None
+            has = self.optimizer.state.get(p, {}).get(self.plan.lazy) is not None
             return _scalar(scalars, slot, torch.bool).fill_(has)
         if isinstance(slot, StateSlot):
             p, group = self.tensors.tensors[slot.tensor], self.groups[slot.group]
             state = self.optimizer.state[p]
             if state.get(slot.key) is None:
-                state[slot.key] = self.rule.state(self.rule.flags(group), p, group)[slot.key]
+                state[slot.key] = self.plan.state(self.plan.flags(group), p, group)[slot.key]
                 self.created.append((p, slot.key))
             return state[slot.key]
         if isinstance(slot, GradSlot):
@@ -188,16 +193,20 @@ class StepCall:
                 self.optimizer.state.pop(p, None)
         self.created.clear()
 
-    def _hyper(self, gi: int) -> dict[str, float]:
+    def _hyper(self, gi: int) -> dict:
         if gi not in self._hyper_cache:
-            group = self.groups[gi]
-            self._hyper_cache[gi] = {"lr": float(group["lr"]), **updates.hyper_values(self.rule, group)}
+            self._hyper_cache[gi] = self.plan.hyper_values(self.groups[gi])
         return self._hyper_cache[gi]
+
+
+def _dtype_of(value) -> torch.dtype:
+    # A tensor hyperparameter keeps its dtype, since torch.optim computes with it in that dtype; floats are float64.
+    return value.dtype if isinstance(value, torch.Tensor) else torch.float64
 
 
 def _scalar(scalars: dict, key: Slot, dtype: torch.dtype) -> torch.Tensor:
     # One persistent 0-d tensor per runtime scalar, refilled at each call.
     t = scalars.get(key)
-    if t is None:
+    if t is None or t.dtype != dtype:
         t = scalars[key] = torch.zeros((), dtype=dtype)
     return t

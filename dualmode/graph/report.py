@@ -34,7 +34,7 @@ class TraceError(RuntimeError):
         >>> step(torch.randn(8, 4))
         Traceback (most recent call last):
             ...
-        dualmode.graph.report.TraceError: graph mode could not trace Step.build(). A step that needs Python values ...
+        dualmode.graph.report.TraceError: Step.build() needs the Python value of a tensor ...: .item(), an `if` ... mode='eager'. ...
         >>> step.mode = "eager"
         >>> loss = step(torch.randn(8, 4))
     """
@@ -109,6 +109,7 @@ class CompileRecord:
     inputs: int = 0
     recompute: str = "off"
     collectives: str = ""  # under DistributedDataParallel: the traced all-reduces and the gradient buckets
+    updates: list[str] = field(default_factory=list)  # how each group's update was compiled (plans.py)
 
 
 @dataclass
@@ -165,4 +166,5 @@ class Explanation:
                          f"recomputed in the backward: {r.recompute}")
             if r.collectives:
                 lines.append(f"     collectives in the graph: {r.collectives}")
+            lines += [f"     update {u}" for u in r.updates]
         return "\n".join(lines)

@@ -198,6 +198,8 @@ class GraphRunner:
         record = CompileRecord(call.phase, reason, trace_s, inputs=len(used),
                                nodes=sum(n.op == "call_function" for n in gm.graph.nodes),
                                collectives=collectives.summary(gm, tracer.reducer))
+        if call.plan is not None:
+            record.updates = [call.plan.describe(i, g) for i, g in enumerate(call.groups)]
         recompute = None
         if not config.recompute_activations:
             record.recompute = "off (config.recompute_activations=False)"

@@ -121,6 +121,10 @@ class StepTracer:
             for p in group["params"]:
                 ti = call.tensors.index[id(p)]
                 if p.requires_grad and stand_ins[ti].grad is not None:
+                    if stand_ins[ti].grad.is_sparse:
+                        raise TypeError(f"graph mode cannot update {call.tensors.names[ti]!r}: its gradient is "
+                                        f"sparse (an embedding with sparse=True?), and {type(call.optimizer).__name__}"
+                                        " in a traced step needs dense gradients; run it with mode='eager'")
                     members.append((gi, ti))
         if not members:
             raise policy.no_gradient_error(call.step.name)
@@ -145,12 +149,16 @@ class StepTracer:
             if self.reducer is not None:
                 grads = self.reducer.reduce(grads)  # once per update: after the window's sum, before clipping
             grads = self._clipped(grads, members)
+            if call.plan.own_step:  # the optimizer's own step(), traced (plans.OwnStep)
+                for dst, new in call.plan.writes(values, members, stand_ins, grads, in_place=ok is None):
+                    write(dst, new, ok)
+                return flags
             for gi, ti in members:
                 self._update_one(values, gi, ti, stand_ins[ti], grads[ti], ok)
         return flags
 
     def _update_one(self, values: dict, gi: int, ti: int, param, grad, ok) -> None:
-        rule, group = self.call.rule, self.call.groups[gi]
+        rule, group = self.call.plan.rule, self.call.groups[gi]
         flags = rule.flags(group)
         keys = rule.state(flags, self.call.tensors.tensors[ti], group)
         state = {k: values[StateSlot(gi, ti, k)] for k in keys}

@@ -1,9 +1,9 @@
 """How graph mode applies an optimizer's update, as traceable tensor code.
 
-torch.optim's own functional updates turn a tensor lr into a Python number (`_to_scalar`, `.item()`), which a
-traced step cannot do, so graph mode carries its own copy of each update rule here. Each rule is written to
-follow torch.optim's single-tensor loop operation by operation, and the tests hold it to `torch.optim` run in
-eager mode: that is the ground truth.
+Graph mode traces an optimizer's own step() (optim_trace.py); these rules are the few it keeps because they
+run measurably better than the traced torch step (plans.py says which and why). Each rule is written to follow
+torch.optim's single-tensor loop operation by operation, and the tests hold it to `torch.optim` run in eager
+mode: that is the ground truth.
 
 A rule sees one parameter at a time and returns new tensors; the caller writes them back. Hyperparameters that
 schedulers change (lr, momentum, betas, ...) arrive as 0-d tensors, so changing them never recompiles. Switches
@@ -31,6 +31,7 @@ class UpdateRule:
         update: `(param, grad, state, hyper, lr, flags) -> (new_param, new_state)`.
         lazy: a state key that torch.optim creates from the first gradient rather than as zeros (SGD's
             momentum buffer); the rule then also gets `state["has_buffer"]`, a 0-d bool tensor.
+        values: reads the `hyper` values from a group, where they are not plain group entries.
     """
 
     hyper: tuple[str, ...]
@@ -38,9 +39,10 @@ class UpdateRule:
     state: Callable[[tuple, Tensor, dict], dict[str, Tensor]]
     update: Callable[..., tuple[Tensor, dict[str, Tensor]]]
     lazy: str | None = None
+    values: Callable[[dict], dict[str, float]] | None = None
 
 
-def _step_tensor() -> Tensor:
+def step_tensor() -> Tensor:
     # torch.optim keeps "step" as a float32 CPU scalar when not capturable.
     return torch.tensor(0.0, dtype=torch.float32)
 
@@ -102,7 +104,7 @@ def _adam_flags(group: dict) -> AdamSwitches:
 
 
 def _adam_state(flags: tuple, p: Tensor, group: dict) -> dict[str, Tensor]:
-    state = {"step": _step_tensor(), "exp_avg": _zeros(p), "exp_avg_sq": _zeros(p)}
+    state = {"step": step_tensor(), "exp_avg": _zeros(p), "exp_avg_sq": _zeros(p)}
     if flags[2]:
         state["max_exp_avg_sq"] = _zeros(p)
     return state
@@ -151,7 +153,7 @@ def _rmsprop_flags(group: dict) -> RMSpropSwitches:
 
 
 def _rmsprop_state(flags: tuple, p: Tensor, group: dict) -> dict[str, Tensor]:
-    state = {"step": _step_tensor(), "square_avg": _zeros(p)}
+    state = {"step": step_tensor(), "square_avg": _zeros(p)}
     if flags[0]:
         state["momentum_buffer"] = _zeros(p)
     if flags[2]:
@@ -199,7 +201,7 @@ def _adagrad_flags(group: dict) -> AdagradSwitches:
 
 def _adagrad_state(flags: tuple, p: Tensor, group: dict) -> dict[str, Tensor]:
     init = group["initial_accumulator_value"]
-    return {"step": _step_tensor(), "sum": torch.full_like(p, init, memory_format=torch.preserve_format)}
+    return {"step": step_tensor(), "sum": torch.full_like(p, init, memory_format=torch.preserve_format)}
 
 
 def _adagrad_update(p, g, state, h, lr, flags):
@@ -218,38 +220,17 @@ def _adagrad_update(p, g, state, h, lr, flags):
 ADAGRAD = UpdateRule(("lr_decay", "eps", "weight_decay"), _adagrad_flags, _adagrad_state, _adagrad_update)
 
 
-RULES: dict[type, UpdateRule] = {
-    torch.optim.SGD: SGD,
-    torch.optim.Adam: ADAM,
-    torch.optim.AdamW: ADAM,
-    torch.optim.RMSprop: RMSPROP,
-    torch.optim.Adagrad: ADAGRAD,
-}
+def hyper_values(rule: UpdateRule, group: dict) -> dict:
+    """The group's current numeric hyperparameters, as the rule names them (betas are split in two).
 
-
-def rule_for(optimizer: torch.optim.Optimizer) -> UpdateRule:
-    """The update rule graph mode traces for `optimizer`; TypeError if it has none.
-
-    Matched on the exact class: a subclass may change the math, so it is not assumed to be its parent.
+    A tensor stays a tensor: torch.optim computes with it in its own dtype (a float32 lr in a float64 model).
     """
-    rule = RULES.get(type(optimizer))
-    if rule is None:
-        known = ", ".join(sorted(cls.__name__ for cls in RULES))
-        raise TypeError(
-            f"graph mode has no traced update for {type(optimizer).__qualname__}; it supports {known}. "
-            "Run this step with mode='eager', which uses the optimizer's own step()."
-        )
-    return rule
-
-
-def hyper_values(rule: UpdateRule, group: dict) -> dict[str, float]:
-    """The group's current numeric hyperparameters, as the rule names them (betas are split in two)."""
+    if rule.values is not None:
+        return rule.values(group)
     values = {}
     for name in rule.hyper:
-        if name in ("beta1", "beta2"):
-            values[name] = float(group["betas"][0 if name == "beta1" else 1])
-        else:
-            values[name] = float(group[name])
+        value = group["betas"][0 if name == "beta1" else 1] if name in ("beta1", "beta2") else group[name]
+        values[name] = value if isinstance(value, Tensor) else float(value)
     return values
 
 

@@ -7,6 +7,7 @@ Eager mode applies them to real tensors, graph mode while tracing; the arithmeti
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
 from dataclasses import dataclass
@@ -85,6 +86,17 @@ def clip_sets(groups: list[dict], config) -> list[ClipSet]:
 
 class BuildError(RuntimeError):
     """build() did what a step must not do (no backward, its own optimizer.step()); both modes raise it alike."""
+
+
+def check_steppable(optimizer: torch.optim.Optimizer) -> None:
+    """TypeError naming the optimizer when its step() needs a closure (LBFGS), in both modes alike."""
+    params = list(inspect.signature(type(optimizer).step).parameters.values())[1:]
+    if any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params):
+        name = type(optimizer).__name__
+        raise TypeError(f"a TrainGraph cannot step {name}, in either mode: {name}.step() needs a closure that "
+                        "re-evaluates the loss several times per step, and a TrainGraph step runs build() once. "
+                        f"Use an optimizer that steps without a closure, or call {name}.step(closure) in a loop of "
+                        "your own.")
 
 
 def no_gradient_error(step_name: str) -> BuildError:

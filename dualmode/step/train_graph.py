@@ -91,6 +91,7 @@ class TrainGraph:
             if getattr(lr_sch, "optimizer", None) is not optimizer:
                 raise ValueError(f"lr_sch ({type(lr_sch).__name__}) was built on another optimizer than the one given")
         policy.check_groups(optimizer.param_groups)
+        policy.check_steppable(optimizer)
         self.optimizer = optimizer
         self.lr_scheduler = lr_sch
 
