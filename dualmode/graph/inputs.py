@@ -84,7 +84,7 @@ class StepCall:
             "tensors": self.tensors.signature(),
             "training": tuple(m.training for module in self.tensors.modules for m in module.modules()),
             "config": (config.autocast_dtype, config.clip_grad_max_norm, config.clip_grad_norm_type,
-                       config.check_finite, config.recompute_activations,
+                       config.check_finite, config.recompute_activations, config.dynamic_batch,
                        repr(sorted(config.compile_options.items()))),
         }
         if self.optimizer is not None:

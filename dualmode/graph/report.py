@@ -33,6 +33,7 @@ class CompileRecord:
     nodes: int = 0
     inputs: int = 0
     recompute: str = "off"
+    batch: str = "static"  # how the batch dimension was traced (batch.py)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils._pytree import tree_unflatten
 
+from dualmode.graph.batch import BatchDims, BatchGuard, fake_examples
 from dualmode.graph.inputs import StepCall
 from dualmode.graph.report import FIRST, CompileRecord, RecompileLimitError, RecompileWarning
 from dualmode.graph.remat import RecomputePass, installed
@@ -39,6 +40,7 @@ class _Compiled:
     out_consts: list
     record: CompileRecord
     recompute_pass: RecomputePass | None = None
+    batch_guard: BatchGuard | None = None  # None: the batch size is a constant of this variant
 
 
 def _describe_change(name: str, old, new) -> str:
@@ -53,7 +55,7 @@ def _describe_change(name: str, old, new) -> str:
         for i, (a, b) in enumerate(zip(old_leaves, new_leaves)):
             if a != b:
                 if a.kind == b.kind == "tensor" and a.shape != b.shape:
-                    return f"new input shape: input {i} {a.shape} -> {b.shape}"
+                    return f"new input shape: input {i} {_shape(a)} -> {_shape(b)}" + _shape_hint(a, b)
                 return f"input {i} changed: {_fields_changed(a, b)}"
     if name == "tensors":
         old_by_name = {o.name: o for o in old}
@@ -80,6 +82,20 @@ def _describe_change(name: str, old, new) -> str:
     return f"{name} changed: {old} -> {new}"
 
 
+def _shape(signature) -> str:
+    return "(" + ", ".join("batch" if isinstance(d, str) else str(d) for d in signature.shape) + ")" \
+        if any(isinstance(d, str) for d in signature.shape) else str(signature.shape)
+
+
+def _shape_hint(old, new) -> str:
+    """How to avoid this recompile: a new batch size only recompiles where the batch could not stay symbolic."""
+    if len(old.shape) == len(new.shape) and old.shape[1:] == new.shape[1:]:
+        return ("; the batch dimension could not stay symbolic here (build() uses the batch size as a number, "
+                "a batch of 1, or config.dynamic_batch=False): use drop_last=True in the DataLoader or pad the "
+                "short batch to avoid the recompile")
+    return "; only the first (batch) dimension may change without a recompile: pad or crop inputs to one shape"
+
+
 def _fields_changed(old, new) -> str:
     """'a: x -> y, b: ...' for the fields of two NamedTuples that differ."""
     return ", ".join(f"{f}: {getattr(old, f)} -> {getattr(new, f)}" for f in old._fields
@@ -93,6 +109,7 @@ class GraphRunner:
         self._cache: dict[tuple, _Compiled] = {}
         self._last_parts: dict[str, dict] = {}
         self._scalars: dict[tuple, torch.Tensor] = {}
+        self._fixed_batch: set[tuple] = set()  # symbolic-batch keys whose trace turned the batch into a constant
         self.records: list[CompileRecord] = []
         self.graph_module: torch.fx.GraphModule | None = None
 
@@ -107,11 +124,16 @@ class GraphRunner:
     def run(self, step: StepView, phase: str, args: tuple, kwargs: dict):
         """Run one call of the step in graph mode; return build()'s outputs (detached)."""
         call = StepCall(step, phase, args, kwargs)
-        parts = call.key_parts()
-        key = tuple(parts.items())
-        compiled = self._cache.get(key)
+        key, parts, compiled, batch = self._lookup(call.key_parts(), BatchDims(call.leaves, step.config.dynamic_batch))
         if compiled is None:
-            compiled = self._cache[key] = self._compile(call, parts)
+            compiled = self._compile(call, parts, batch)
+            if batch and compiled.batch_guard is None:  # the trace fixed the batch size: key on the sizes
+                self._fixed_batch.add(key)
+                key, parts, _, batch = self._lookup(call.key_parts(), BatchDims([], False))
+                self._last_parts[phase] = parts
+            self._cache[key] = compiled
+        if compiled.batch_guard is not None:
+            call.leaves = batch.mark(call.leaves)
         inputs = [call.fetch(slot, self._scalars) for slot in compiled.slots]
         if compiled.record.first_call_s:
             with torch.no_grad():
@@ -119,6 +141,18 @@ class GraphRunner:
         else:
             outs = self._first_call(compiled, inputs)
         return tree_unflatten(list(outs) + compiled.out_consts, compiled.out_spec)
+
+    def _lookup(self, parts: dict, batch: BatchDims):
+        """(key, key parts, compiled variant or None, batch dims) of a call: the symbolic-batch variant when
+        there is one whose trace left the batch size free and whose conditions on it hold, else the concrete one."""
+        if batch:
+            general = batch.general(parts)
+            key = tuple(general.items())
+            compiled = self._cache.get(key)
+            if key not in self._fixed_batch and (compiled is None or compiled.batch_guard.holds(batch)):
+                return key, general, compiled, batch
+        key = tuple(parts.items())
+        return key, parts, self._cache.get(key), BatchDims([], False)
 
     @staticmethod
     def _first_call(compiled: _Compiled, inputs: list):
@@ -135,7 +169,7 @@ class GraphRunner:
                                          "as compiled before (graph loaded from inductor's cache)")
         return outs
 
-    def _compile(self, call: StepCall, parts: dict) -> _Compiled:
+    def _compile(self, call: StepCall, parts: dict, batch: BatchDims) -> _Compiled:
         name, config = call.step.name, call.step.config
         reason = self._reason(call.phase, parts)
         recompiles = sum(r.reason != FIRST for r in self.records)
@@ -152,8 +186,12 @@ class GraphRunner:
         slots = call.slots()
         examples = [call.example(slot, self._scalars) for slot in slots]
         start = time.perf_counter()
-        gm, used, tracer = trace_step(call, slots, examples)
+        fakes, guard = fake_examples(slots, examples, batch)
+        gm, used, tracer = trace_step(call, slots, fakes)
         trace_s = time.perf_counter() - start
+        fixed = guard.fixed
+        if fixed or not batch:
+            guard = None
         options = {k: v for k, v in config.compile_options.items() if v is not None}
         fn = torch.compile(gm, fullgraph=True, **options)
         record = CompileRecord(call.phase, reason, trace_s, inputs=len(used),
@@ -168,7 +206,10 @@ class GraphRunner:
             record.recompute = f"off (backend {options['backend']!r}: the pass runs in inductor)"
         else:
             recompute = RecomputePass()
-        return _Compiled(fn, [slots[i] for i in used], tracer.out_spec, tracer.out_consts, record, recompute)
+        if batch:
+            record.batch = (f"fixed by build() (input {fixed[0]}'s first size is used as a number)" if fixed
+                            else "symbolic (" + ", ".join(f"input {i}" for i in batch.labels) + ")")
+        return _Compiled(fn, [slots[i] for i in used], tracer.out_spec, tracer.out_consts, record, recompute, guard)
 
     def _reason(self, phase: str, parts: dict) -> str:
         last = self._last_parts.get(phase)

@@ -26,7 +26,8 @@ def trace_step(call, slots: list[Slot], examples: list[torch.Tensor]):
     """Trace the step of `call` over `slots`; return (graph module, indices of the slots it reads, tracer)."""
     tracer = StepTracer(call, slots)
     try:
-        gm = make_fx(tracer, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
+        # The examples are fake tensors, some with a symbolic batch dimension (batch.py).
+        gm = make_fx(tracer, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*examples)
     except (TraceError, TypeError, ValueError):
         raise
     except Exception as error:
