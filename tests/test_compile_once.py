@@ -122,3 +122,34 @@ def test_short_last_batch_with_inductor_matches_eager():
     step, losses = run(Step, "graph", batches, compile_options=options)
     assert step.compile_count == 1
     assert_matches_eager(Step, batches, step, losses)
+
+
+@pytest.mark.parametrize("optimizer", [
+    lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, dampening=0.1),
+    lambda g: torch.optim.Adam(g, lr=1e-2),
+], ids=["sgd-momentum-dampening", "adam"])
+def test_gradient_accumulation_compiles_one_graph_and_matches_eager(optimizer):
+    batches = loader([16, 16, 16, 16, 16, 16, 16, 5])  # two full windows of 3, then two micro-steps, one short
+    results = {}
+    for mode in ("eager", "graph"):
+        model = tiny_net()
+        step = Step(model, optimizer(tiny_groups(model)), mode=mode,
+                    config=dm.StepConfig(compile_options=dict(FAST), grad_accumulation_steps=3))
+        for i, (x, y) in enumerate(batches):
+            before = [p.detach().clone() for p in model.parameters()]
+            step(x, y)
+            if i % 3 != 2:  # not the k-th micro-step: nothing is updated, bit for bit, and no state is created
+                assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+                if i < 2:
+                    assert not step.optimizer.state
+        results[mode] = snapshot(step), [p.grad for p in model.parameters()], step.step_count
+        if mode == "graph":
+            assert step.compile_count == 1
+            assert step.explain().compiles[0].phase == "micro-step"
+    (eager_state, eager_grads, eager_count), (graph_state, graph_grads, graph_count) = results["eager"], results["graph"]
+    assert eager_count == graph_count == 2
+    assert_same_state(eager_state, graph_state)
+    for a, b in zip(eager_grads, graph_grads):  # the gradients of the unfinished window, summed alike
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -12,7 +12,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from dualmode.graph import updates
-from dualmode.graph.slots import (ArgSlot, GradSlot, GroupSignature, HasBufferSlot, HyperSlot, Slot, StateSlot,
+from dualmode.graph.slots import (ApplySlot, ArgSlot, GradSlot, GroupSignature, HasBufferSlot, HyperSlot, Slot, StateSlot,
                                    TensorSignature, TensorSlot, input_signature)
 from dualmode.step.view import StepView
 
@@ -102,6 +102,8 @@ class StepCall:
         slots += [ArgSlot(k) for k, v in enumerate(self.leaves) if isinstance(v, torch.Tensor)]
         if self.optimizer is None:
             return slots
+        if self.phase in ("accumulate", "apply"):
+            slots.append(ApplySlot())
         for gi, group in enumerate(self.groups):
             slots += [HyperSlot(gi, name) for name in ("lr",) + self.rule.hyper]
             flags = self.rule.flags(group)
@@ -140,11 +142,17 @@ class StepCall:
             p = self.tensors.tensors[slot.tensor]
             has = self.optimizer.state.get(p, {}).get(self.rule.lazy) is not None
             return _scalar(scalars, slot, torch.bool).fill_(has)
+        if isinstance(slot, ApplySlot):
+            return _scalar(scalars, slot, torch.bool).fill_(self.phase == "apply")
         if isinstance(slot, StateSlot):
             p, group = self.tensors.tensors[slot.tensor], self.groups[slot.group]
-            state = self.optimizer.state[p]
+            state = self.optimizer.state.get(p, {})
             if state.get(slot.key) is None:
-                state[slot.key] = self.rule.state(self.rule.flags(group), p, group)[slot.key]
+                new = self.rule.state(self.rule.flags(group), p, group)[slot.key]
+                if self.phase == "accumulate":  # not updated on this micro-step: created at the first update
+                    return new
+                state = self.optimizer.state[p]
+                state[slot.key] = new
             return state[slot.key]
         if isinstance(slot, GradSlot):
             p = self.tensors.tensors[slot.tensor]

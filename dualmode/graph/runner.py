@@ -43,6 +43,14 @@ class _Compiled:
     batch_guard: BatchGuard | None = None  # None: the batch size is a constant of this variant
 
 
+def _key_parts(call: StepCall) -> dict:
+    """The call's key parts; the micro-steps of gradient accumulation share one graph (a runtime flag applies)."""
+    parts = call.key_parts()
+    if parts["phase"] in ("accumulate", "apply"):
+        parts["phase"] = "micro-step"
+    return parts
+
+
 def _describe_change(name: str, old, new) -> str:
     """A short sentence naming what changed between two compiled variants (fields read by name)."""
     if name == "lr_scale":
@@ -124,13 +132,13 @@ class GraphRunner:
     def run(self, step: StepView, phase: str, args: tuple, kwargs: dict):
         """Run one call of the step in graph mode; return build()'s outputs (detached)."""
         call = StepCall(step, phase, args, kwargs)
-        key, parts, compiled, batch = self._lookup(call.key_parts(), BatchDims(call.leaves, step.config.dynamic_batch))
+        key, parts, compiled, batch = self._lookup(_key_parts(call), BatchDims(call.leaves, step.config.dynamic_batch))
         if compiled is None:
             compiled = self._compile(call, parts, batch)
             if batch and compiled.batch_guard is None:  # the trace fixed the batch size: key on the sizes
                 self._fixed_batch.add(key)
-                key, parts, _, batch = self._lookup(call.key_parts(), BatchDims([], False))
-                self._last_parts[phase] = parts
+                key, parts, _, batch = self._lookup(_key_parts(call), BatchDims([], False))
+                self._last_parts[parts["phase"]] = parts
             self._cache[key] = compiled
         if compiled.batch_guard is not None:
             call.leaves = batch.mark(call.leaves)
@@ -171,7 +179,7 @@ class GraphRunner:
 
     def _compile(self, call: StepCall, parts: dict, batch: BatchDims) -> _Compiled:
         name, config = call.step.name, call.step.config
-        reason = self._reason(call.phase, parts)
+        reason = self._reason(parts["phase"], parts)
         recompiles = sum(r.reason != FIRST for r in self.records)
         if reason != FIRST:
             if recompiles >= config.max_recompiles:
@@ -194,10 +202,10 @@ class GraphRunner:
             guard = None
         options = {k: v for k, v in config.compile_options.items() if v is not None}
         fn = torch.compile(gm, fullgraph=True, **options)
-        record = CompileRecord(call.phase, reason, trace_s, inputs=len(used),
+        record = CompileRecord(parts["phase"], reason, trace_s, inputs=len(used),
                                nodes=sum(n.op == "call_function" for n in gm.graph.nodes))
         self.records.append(record)
-        self._last_parts[call.phase] = parts
+        self._last_parts[parts["phase"]] = parts
         self.graph_module = gm
         recompute = None
         if not config.recompute_activations:

@@ -59,7 +59,12 @@ class GradSlot:
     tensor: int
 
 
-Slot = TensorSlot | ArgSlot | HyperSlot | HasBufferSlot | StateSlot | GradSlot
+@dataclass(frozen=True)
+class ApplySlot:
+    """With gradient accumulation: whether this micro-step is the k-th, which updates (a 0-d bool input)."""
+
+
+Slot = TensorSlot | ArgSlot | HyperSlot | HasBufferSlot | StateSlot | GradSlot | ApplySlot
 
 
 class TensorSignature(NamedTuple):

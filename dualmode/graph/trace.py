@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from dualmode.graph import updates
 from dualmode.graph.report import TraceError
-from dualmode.graph.slots import ArgSlot, GradSlot, HasBufferSlot, HyperSlot, Slot, StateSlot, TensorSlot
+from dualmode.graph.slots import ApplySlot, ArgSlot, GradSlot, HasBufferSlot, HyperSlot, Slot, StateSlot, TensorSlot
 from dualmode.step import policy
 from dualmode.step.outputs import loss_of
 
@@ -105,16 +105,19 @@ class StepTracer:
         ok = torch.isfinite(loss.detach()).all() if (config.check_finite and loss is not None) else None
         with torch.no_grad():
             grads = {ti: stand_ins[ti].grad for _, ti in members}
-            if call.phase == "accumulate":
+            update_ok = ok
+            if call.phase in ("accumulate", "apply"):
+                # One graph for every micro-step: gradients add up, and the update is computed but kept only
+                # where the runtime flag says this is the k-th micro-step (torch.where: exactly the old values).
                 for gi, ti in members:
                     summed = values[GradSlot(gi, ti)]
-                    write(summed, summed + grads[ti], ok)
-                return
-            if call.phase == "apply":
-                grads = {ti: values[GradSlot(gi, ti)] + grads[ti] for gi, ti in members}
+                    grads[ti] = summed + grads[ti]
+                    write(summed, grads[ti], ok)
+                apply_now = values[ApplySlot()]
+                update_ok = apply_now if ok is None else ok & apply_now
             grads = self._clipped(grads, members)
             for gi, ti in members:
-                self._update_one(values, gi, ti, stand_ins[ti], grads[ti], ok)
+                self._update_one(values, gi, ti, stand_ins[ti], grads[ti], update_ok)
 
     def _update_one(self, values: dict, gi: int, ti: int, param, grad, ok) -> None:
         rule, group = self.call.rule, self.call.groups[gi]
