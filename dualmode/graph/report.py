@@ -34,6 +34,7 @@ class CompileRecord:
     inputs: int = 0
     recompute: str = "off"
     batch: str = "static"  # how the batch dimension was traced (batch.py)
+    split: object = None  # compile.CompileSplit of the first call: dynamo, AOTAutograd, inductor seconds, kernels
 
 
 @dataclass
@@ -57,4 +58,6 @@ class Explanation:
             lines.append(f"  {i + 1}. [{r.phase}] {r.reason}: {r.nodes} ops, {r.inputs} inputs, "
                          f"trace {r.trace_s:.2f} s, first call (compile + run) {r.first_call_s:.2f} s; "
                          f"recomputed in the backward: {r.recompute}")
+            if r.split is not None:
+                lines.append(f"     first call: trace {r.trace_s:.2f} s, {r.split}; batch dimension: {r.batch}")
         return "\n".join(lines)

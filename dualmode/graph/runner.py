@@ -28,7 +28,9 @@ from torch.utils._pytree import tree_unflatten
 from dualmode.graph.batch import BatchDims, BatchGuard, fake_examples
 from dualmode.graph.inputs import StepCall
 from dualmode.graph.report import FIRST, CompileRecord, RecompileLimitError, RecompileWarning
-from dualmode.graph.remat import RecomputePass, installed
+from dualmode.graph.compile import CompileTimer, compile_step, compiling
+from dualmode.graph.progress import CompileProgress
+from dualmode.graph.remat import RecomputePass
 from dualmode.graph.trace import trace_step
 from dualmode.step.view import StepView
 
@@ -147,7 +149,7 @@ class GraphRunner:
             with torch.no_grad():
                 outs = compiled.fn(*inputs)
         else:
-            outs = self._first_call(compiled, inputs)
+            outs = self._first_call(compiled, inputs, step.name)
         return tree_unflatten(list(outs) + compiled.out_consts, compiled.out_spec)
 
     def _lookup(self, parts: dict, batch: BatchDims):
@@ -163,18 +165,22 @@ class GraphRunner:
         return key, parts, self._cache.get(key), BatchDims([], False)
 
     @staticmethod
-    def _first_call(compiled: _Compiled, inputs: list):
-        """The call that compiles: with the recompute pass installed in inductor's config while it runs."""
+    def _first_call(compiled: _Compiled, inputs: list, name: str):
+        """The call that compiles: logged while it runs (progress.py), timed by compiler stage (compile.py)."""
+        record, recompute = compiled.record, compiled.recompute_pass
         start = time.perf_counter()
-        recompute = compiled.recompute_pass
-        with installed(recompute), torch.no_grad():
+        timer = CompileTimer()
+        what = f"{name} ({record.phase}, {record.nodes} ops, {record.inputs} inputs)"
+        with CompileProgress(what) as progress, compiling(recompute), torch.no_grad():
             outs = compiled.fn(*inputs)
-        compiled.record.first_call_s = time.perf_counter() - start
+            record.split = timer.split()
+            progress.summary = f"trace {record.trace_s:.2f} s, {record.split}"
+        record.first_call_s = time.perf_counter() - start
         if recompute is not None:
             # The pass does not run when inductor's FX graph cache supplies the compiled graph.
             runs = recompute.rewritten
-            compiled.record.recompute = (f"{sum(runs)} activations (inductor post-grad pass)" if runs else
-                                         "as compiled before (graph loaded from inductor's cache)")
+            record.recompute = (f"{sum(runs)} activations (inductor post-grad pass)" if runs else
+                                "as compiled before (graph loaded from inductor's cache)")
         return outs
 
     def _compile(self, call: StepCall, parts: dict, batch: BatchDims) -> _Compiled:
@@ -201,7 +207,7 @@ class GraphRunner:
         if fixed or not batch:
             guard = None
         options = {k: v for k, v in config.compile_options.items() if v is not None}
-        fn = torch.compile(gm, fullgraph=True, **options)
+        fn = compile_step(gm, options)
         record = CompileRecord(parts["phase"], reason, trace_s, inputs=len(used),
                                nodes=sum(n.op == "call_function" for n in gm.graph.nodes))
         self.records.append(record)
