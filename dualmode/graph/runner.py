@@ -26,6 +26,7 @@ import torch
 from torch.utils._pytree import tree_unflatten
 
 from dualmode.graph.batch import BatchDims, BatchGuard, fake_examples
+from dualmode.graph.fetch import FetchPlan
 from dualmode.graph.inputs import StepCall
 from dualmode.graph.report import FIRST, CompileRecord, RecompileLimitError, RecompileWarning
 from dualmode.graph.compile import CompileTimer, compile_step, compiling
@@ -43,6 +44,9 @@ class _Compiled:
     record: CompileRecord
     recompute_pass: RecomputePass | None = None
     batch_guard: BatchGuard | None = None  # None: the batch size is a constant of this variant
+
+    def __post_init__(self):
+        self.fetch = FetchPlan(self.slots)
 
 
 def _key_parts(call: StepCall) -> dict:
@@ -144,7 +148,7 @@ class GraphRunner:
             self._cache[key] = compiled
         if compiled.batch_guard is not None:
             call.leaves = batch.mark(call.leaves)
-        inputs = [call.fetch(slot, self._scalars) for slot in compiled.slots]
+        inputs = compiled.fetch.inputs(call, self._scalars)
         if compiled.record.first_call_s:
             with torch.no_grad():
                 outs = compiled.fn(*inputs)
