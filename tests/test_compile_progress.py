@@ -5,11 +5,11 @@ import logging
 import time
 
 import pytest
+import torch
+from steps import Step, batches, tiny_groups, tiny_net
 
 from dualmode.graph import progress
 from dualmode.graph.compile import CompileSplit
-from steps import batches, tiny_net, Step, tiny_groups
-import torch
 
 
 def graph_step():
@@ -59,7 +59,7 @@ def test_a_short_compile_prints_nothing_and_the_logger_level_silences_the_fallba
 
 
 def test_a_failed_compile_says_it_failed(caplog):
-    with caplog.at_level(logging.INFO, logger="dualmode"), pytest.raises(RuntimeError):
-        with progress.CompileProgress("Step (step)"):
-            raise RuntimeError("boom")
+    with caplog.at_level(logging.INFO, logger="dualmode"), pytest.raises(RuntimeError), \
+            progress.CompileProgress("Step (step)"):
+        raise RuntimeError("boom")
     assert "compiling failed after" in caplog.records[-1].getMessage()

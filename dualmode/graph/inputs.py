@@ -12,8 +12,8 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from dualmode.graph import updates
-from dualmode.graph.slots import (ApplySlot, ArgSlot, GradSlot, GroupSignature, HasBufferSlot, HyperSlot, Slot, StateSlot,
-                                   TensorSignature, TensorSlot, input_signature)
+from dualmode.graph.slots import (ApplySlot, ArgSlot, GradSlot, GroupSignature, HasBufferSlot, HyperSlot, Slot,
+                                   StateSlot, TensorSignature, TensorSlot, input_signature)
 from dualmode.step.view import StepView
 
 

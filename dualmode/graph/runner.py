@@ -26,14 +26,15 @@ import torch
 from torch.utils._pytree import tree_unflatten
 
 from dualmode.graph.batch import BatchDims, BatchGuard, fake_examples
+from dualmode.graph.compile import CompileTimer, compile_step, compiling
 from dualmode.graph.fetch import FetchPlan
 from dualmode.graph.inputs import StepCall
-from dualmode.graph.report import FIRST, CompileRecord, RecompileLimitError, RecompileWarning
-from dualmode.graph.compile import CompileTimer, compile_step, compiling
 from dualmode.graph.progress import CompileProgress
 from dualmode.graph.remat import RecomputePass
+from dualmode.graph.report import FIRST, CompileRecord, RecompileLimitError, RecompileWarning
 from dualmode.graph.trace import trace_step
 from dualmode.step.view import StepView
+
 
 @dataclass
 class _Compiled:

@@ -17,7 +17,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from dualmode.graph import updates
 from dualmode.graph.report import TraceError
-from dualmode.graph.slots import ApplySlot, ArgSlot, GradSlot, HasBufferSlot, HyperSlot, Slot, StateSlot, TensorSlot
+from dualmode.graph.slots import (ApplySlot, ArgSlot, GradSlot, HasBufferSlot, HyperSlot, Slot, StateSlot,
+                                   TensorSlot)
 from dualmode.step import policy
 from dualmode.step.outputs import loss_of
 

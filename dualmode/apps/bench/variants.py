@@ -126,6 +126,43 @@ def _torch_step(compiled: bool, update: bool) -> Callable[[BenchSettings], Calla
     return make
 
 
+def _floor_step(settings: BenchSettings) -> Callable:
+    """torch.compile(model)'s forward and backward, then a perfectly fused update of every parameter at once.
+
+    The parameters and their gradients are views into one flat buffer each (autograd adds each gradient into
+    its view in place), so the update (SGD with momentum, lr x lr_scale per element) is one compiled kernel
+    over the flat buffers, which also zeroes the gradients for the next step: the least any update can cost.
+    """
+    model = make_model(settings)
+    forward = torch.compile(model, **_torch_compile_kwargs(settings))
+    groups = make_groups(model)
+    params = [p for g in groups for p in g["params"]]
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    grad = torch.zeros_like(flat)
+    lr = torch.cat([torch.full((p.numel(),), LR * g["lr_scale"]) for g in groups for p in g["params"]])
+    buf = torch.zeros_like(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.data = flat[offset:offset + n].view_as(p)
+        p.grad = grad[offset:offset + n].view_as(p)
+        offset += n
+
+    @torch.compile(**_torch_compile_kwargs(settings))
+    def update(flat, grad, buf, lr):
+        buf.mul_(MOMENTUM).add_(grad)
+        flat.sub_(lr * buf)
+        grad.zero_()
+
+    def step(x, y):
+        loss = F.cross_entropy(forward(x), y)
+        loss.backward()
+        update(flat, grad, buf, lr)
+        return loss.detach()
+
+    return step
+
+
 def _torch_compile_kwargs(settings: BenchSettings) -> dict:
     return {k: v for k, v in settings.compile_options.items() if v is not None}
 
@@ -143,8 +180,12 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             _torch_step(compiled=False, update=False)),
     Variant("fwd-bwd-compile", "forward and backward only, no update, torch.compile(model): the floor of a "
             "compiled step", _torch_step(compiled=True, update=False), compiles=True),
+    Variant("floor-fused-update", "the floor with a fused update: torch.compile(model)'s forward and backward, "
+            "then one compiled kernel updating every parameter in one flat buffer (SGD momentum)", _floor_step,
+            compiles=True),
     Variant("graph-no-recompute", "graph mode with config.recompute_activations=False: what the recompute pass "
             "(remat.py) buys", _dualmode_step("graph", recompute=False), compiles=True),
 )}
 # What a plain `dualmode bench` runs; the others are there to be asked for with --modes.
-DEFAULT_VARIANTS = ("eager", "graph", "torch-eager", "torch-compile", "fwd-bwd-eager", "fwd-bwd-compile")
+DEFAULT_VARIANTS = ("eager", "graph", "torch-eager", "torch-compile", "fwd-bwd-eager", "fwd-bwd-compile",
+                    "floor-fused-update")
