@@ -29,10 +29,16 @@ def assert_matches_eager(step_class, batches, graph_step, graph_losses):
     torch.testing.assert_close(torch.stack(graph_losses), torch.stack(eager_losses), rtol=1e-4, atol=1e-5)
 
 
+def dynamo_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 def test_short_last_batch_does_not_recompile_and_matches_eager():
     batches = loader([64, 64, 29])
+    before = dynamo_graphs()
     step, losses = run(Step, "graph", batches)  # filterwarnings=error: a RecompileWarning would fail here
     assert step.compile_count == 1
+    assert dynamo_graphs() - before == 1  # no recompile hidden inside torch.compile either
     assert step.explain().compiles[0].batch == "symbolic (input 0, input 1)"
     assert_matches_eager(Step, batches, step, losses)
 
@@ -119,8 +125,9 @@ def test_dynamic_batch_false_keys_on_the_batch_size():
 def test_short_last_batch_with_inductor_matches_eager():
     batches = loader([64, 64, 29])
     options = {"backend": "inductor", "mode": None, "dynamic": False, "options": None}
+    before = dynamo_graphs()
     step, losses = run(Step, "graph", batches, compile_options=options)
-    assert step.compile_count == 1
+    assert step.compile_count == 1 and dynamo_graphs() - before == 1
     assert_matches_eager(Step, batches, step, losses)
 
 
@@ -132,6 +139,7 @@ def test_gradient_accumulation_compiles_one_graph_and_matches_eager(optimizer):
     batches = loader([16, 16, 16, 16, 16, 16, 16, 5])  # two full windows of 3, then two micro-steps, one short
     results = {}
     for mode in ("eager", "graph"):
+        graphs_before = dynamo_graphs()
         model = tiny_net()
         step = Step(model, optimizer(tiny_groups(model)), mode=mode,
                     config=dm.StepConfig(compile_options=dict(FAST), grad_accumulation_steps=3))
@@ -144,7 +152,7 @@ def test_gradient_accumulation_compiles_one_graph_and_matches_eager(optimizer):
                     assert not step.optimizer.state
         results[mode] = snapshot(step), [p.grad for p in model.parameters()], step.step_count
         if mode == "graph":
-            assert step.compile_count == 1
+            assert step.compile_count == 1 and dynamo_graphs() - graphs_before == 1
             assert step.explain().compiles[0].phase == "micro-step"
     (eager_state, eager_grads, eager_count), (graph_state, graph_grads, graph_count) = results["eager"], results["graph"]
     assert eager_count == graph_count == 2
