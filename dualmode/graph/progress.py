@@ -42,7 +42,7 @@ class CompileProgress:
         self._thread: threading.Thread | None = None
         self._start = 0.0
 
-    def __enter__(self) -> "CompileProgress":  # noqa: PYI034 (never subclassed)
+    def __enter__(self) -> CompileProgress:  # noqa: PYI034 (never subclassed)
         self._start = time.perf_counter()
         LOGGER.info("%s: compiling (the first call traces and compiles the whole step; on a CPU this can take "
                     "minutes)", self.what)
