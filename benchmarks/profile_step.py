@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_unflatten
 
 from dualmode.apps.bench.machine import ForeignLoad, usable_cores
 from dualmode.apps.bench.variants import VARIANTS, BenchSettings, make_batch
+from dualmode.graph.batch import BatchDims
 from dualmode.graph.inputs import StepCall
 
 
@@ -42,10 +43,14 @@ def run_parts(step, x, y, calls: int) -> dict[str, float]:
     """Median ms of each part of GraphRunner.run, done the way run() does it, and of the whole call."""
     runner = step._graph
     phase = step._phase()
-    call = StepCall(step, phase, (x, y), {})
-    key = tuple(call.key_parts().items())
-    compiled = runner._cache[key]
-    inputs = [call.fetch(slot, runner._scalars) for slot in compiled.slots]
+    view = step._view()
+    call = StepCall(view, phase, (x, y), {})
+
+    def lookup():
+        return runner._lookup(call.key_parts(), BatchDims(call.leaves, step.config.dynamic_batch))
+
+    compiled = lookup()[2]
+    inputs = compiled.fetch.inputs(call, runner._scalars)
     with torch.no_grad():
         outs = compiled.fn(*inputs)
 
@@ -54,9 +59,9 @@ def run_parts(step, x, y, calls: int) -> dict[str, float]:
             compiled.fn(*inputs)
 
     return {
-        "StepCall(...)": median_ms(lambda: StepCall(step, phase, (x, y), {}), calls),
-        "key_parts() + cache lookup": median_ms(lambda: runner._cache.get(tuple(call.key_parts().items())), calls),
-        "fetch slots": median_ms(lambda: [call.fetch(slot, runner._scalars) for slot in compiled.slots], calls),
+        "StepCall(...)": median_ms(lambda: StepCall(view, phase, (x, y), {}), calls),
+        "key_parts() + cache lookup": median_ms(lookup, calls),
+        "fetch slots": median_ms(lambda: compiled.fetch.inputs(call, runner._scalars), calls),
         "compiled fn (guards + wrappers + kernels)": median_ms(compiled_fn, calls),
         "tree_unflatten": median_ms(lambda: tree_unflatten(list(outs) + compiled.out_consts, compiled.out_spec),
                                     calls),
@@ -87,9 +92,9 @@ def compare_direct_backend(step, x, y, calls: int) -> None:
     from torch._inductor.compile_fx import compile_fx
 
     runner = step._graph
-    call = StepCall(step, step._phase(), (x, y), {})
-    compiled = runner._cache[tuple(call.key_parts().items())]
-    inputs = [call.fetch(slot, runner._scalars) for slot in compiled.slots]
+    call = StepCall(step._view(), step._phase(), (x, y), {})
+    compiled = runner._lookup(call.key_parts(), BatchDims(call.leaves, step.config.dynamic_batch))[2]
+    inputs = compiled.fetch.inputs(call, runner._scalars)
     start = time.perf_counter()
     direct = compile_fx(step.graph_module, inputs)
     print(f"compile_fx(gm, inputs): {time.perf_counter() - start:.2f} s to compile ({len(inputs)} inputs)")

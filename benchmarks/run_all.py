@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from dualmode import bench
+from dualmode.apps.bench import command as bench
 from dualmode.apps.bench.machine import ForeignLoad
 from dualmode.apps.bench.variants import DEFAULT_VARIANTS
 

@@ -59,7 +59,7 @@ class StepCall:
         self.step, self.phase = step, phase
         self.modules = step.modules
         self.tensors = StepTensors(self.modules)
-        self.leaves, self.in_spec = tree_flatten((args, kwargs))
+        self.leaves, self.in_spec, self._spec_text = _flatten(args, kwargs)
         self.optimizer = step.optimizer
         self.plan = None
         self._hyper_cache: dict[int, dict] = {}
@@ -101,11 +101,11 @@ class StepCall:
         config = self.step.config
         parts = {
             "phase": self.phase,
-            "inputs": (str(self.in_spec), tuple(input_signature(v) for v in self.leaves)),
+            "inputs": (self._spec_text, tuple(input_signature(v) for v in self.leaves)),
             "tensors": self.tensors.signature(),
             "training": tuple(m.training for module in self.tensors.modules for m in module.modules()),
             "config": (config.autocast_dtype, config.clip_grad_max_norm, config.clip_grad_norm_type,
-                       config.check_finite, config.recompute_activations,
+                       config.check_finite, config.recompute_activations, config.dynamic_batch,
                        repr(sorted(config.compile_options.items()))),
         }
         if self.optimizer is not None:
@@ -202,6 +202,21 @@ class StepCall:
 def _dtype_of(value) -> torch.dtype:
     # A tensor hyperparameter keeps its dtype, since torch.optim computes with it in that dtype; floats are float64.
     return value.dtype if isinstance(value, torch.Tensor) else torch.float64
+
+
+_PLAIN_SPECS: dict[int, tuple] = {}  # number of tensor arguments -> (spec, its text)
+
+
+def _flatten(args: tuple, kwargs: dict) -> tuple[list, object, str]:
+    """tree_flatten((args, kwargs)) and the spec's text; the usual call (tensors only) reuses a cached spec."""
+    if not kwargs and all(type(a) is torch.Tensor for a in args):
+        cached = _PLAIN_SPECS.get(len(args))
+        if cached is None:
+            spec = tree_flatten((args, kwargs))[1]
+            cached = _PLAIN_SPECS[len(args)] = (spec, str(spec))
+        return list(args), *cached
+    leaves, spec = tree_flatten((args, kwargs))
+    return leaves, spec, str(spec)
 
 
 def _scalar(scalars: dict, key: Slot, dtype: torch.dtype) -> torch.Tensor:

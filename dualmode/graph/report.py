@@ -63,9 +63,10 @@ class RecompileWarning(UserWarning):
         >>> loss = step(torch.randn(8, 4))
         >>> with warnings.catch_warnings(record=True) as caught:
         ...     warnings.simplefilter("always")
-        ...     loss = step(torch.randn(5, 4))          # a batch of 5 after batches of 8
+        ...     step.optimizer.param_groups[0]["lr_scale"] = 2.0   # a baked constant
+        ...     loss = step(torch.randn(5, 4))                       # (a new batch size alone compiles nothing)
         >>> print(caught[0].message)
-        Step: graph mode recompiles the step because new input shape: input 0 (8, 4) -> (5, 4) (recompile 1 of ...
+        Step: graph mode recompiles the step because lr_scale changed (group 0: 1.0 -> 2.0) (recompile 1 of ...
     """
 
 
@@ -88,10 +89,11 @@ class RecompileLimitError(RuntimeError):
         ...         return loss
         >>> step = Step(torch.nn.Linear(4, 1), max_recompiles=0)
         >>> loss = step(torch.randn(8, 4))
-        >>> step(torch.randn(5, 4))
+        >>> step.optimizer.param_groups[0]["lr_scale"] = 2.0
+        >>> step(torch.randn(8, 4))
         Traceback (most recent call last):
             ...
-        dualmode.graph.report.RecompileLimitError: Step: graph mode must recompile because new input shape: ...
+        dualmode.graph.report.RecompileLimitError: Step: graph mode must recompile because lr_scale changed ...
         >>> step.step_count
         1
     """
@@ -110,6 +112,8 @@ class CompileRecord:
     recompute: str = "off"
     collectives: str = ""  # under DistributedDataParallel: the traced all-reduces and the gradient buckets
     updates: list[str] = field(default_factory=list)  # how each group's update was compiled (plans.py)
+    batch: str = "static"  # how the batch dimension was traced (batch.py)
+    split: object = None  # compile.CompileSplit of the first call: dynamo, AOTAutograd, inductor seconds, kernels
 
 
 @dataclass
@@ -167,4 +171,6 @@ class Explanation:
             if r.collectives:
                 lines.append(f"     collectives in the graph: {r.collectives}")
             lines += [f"     update {u}" for u in r.updates]
+            if r.split is not None:
+                lines.append(f"     first call: trace {r.trace_s:.2f} s, {r.split}; batch dimension: {r.batch}")
         return "\n".join(lines)

@@ -26,9 +26,13 @@ import torch
 from torch.utils._pytree import tree_unflatten
 
 from dualmode.graph import collectives, diagnose, guards, refusals
+from dualmode.graph.batch import BatchDims, BatchGuard, fake_examples
+from dualmode.graph.compile import CompileTimer, compile_step, compiling
+from dualmode.graph.fetch import FetchPlan
 from dualmode.graph.inputs import StepCall
+from dualmode.graph.progress import CompileProgress
 from dualmode.graph.randomness import eager_random
-from dualmode.graph.remat import RecomputePass, installed
+from dualmode.graph.remat import RecomputePass
 from dualmode.graph.report import FIRST, CompileRecord, RecompileLimitError, RecompileWarning
 from dualmode.graph.trace import StepTracer, trace_step
 from dualmode.step import finite
@@ -45,6 +49,10 @@ class _Compiled:
     guard: guards.Guard  # what build() read from Python when traced
     record: CompileRecord
     recompute_pass: RecomputePass | None = None
+    batch_guard: BatchGuard | None = None  # None: the batch size is a constant of this variant
+
+    def __post_init__(self):
+        self.fetch = FetchPlan(self.slots)
 
 
 def _describe_change(name: str, old, new) -> str:
@@ -59,7 +67,7 @@ def _describe_change(name: str, old, new) -> str:
         for i, (a, b) in enumerate(zip(old_leaves, new_leaves)):
             if a != b:
                 if a.kind == b.kind == "tensor" and a.shape != b.shape:
-                    return f"new input shape: input {i} {a.shape} -> {b.shape}"
+                    return f"new input shape: input {i} {_shape(a)} -> {_shape(b)}" + _shape_hint(a, b)
                 return f"input {i} changed: {_fields_changed(a, b)}"
     if name == "tensors":
         old_by_name = {o.name: o for o in old}
@@ -86,6 +94,20 @@ def _describe_change(name: str, old, new) -> str:
     return f"{name} changed: {old} -> {new}"
 
 
+def _shape(signature) -> str:
+    return "(" + ", ".join("batch" if isinstance(d, str) else str(d) for d in signature.shape) + ")" \
+        if any(isinstance(d, str) for d in signature.shape) else str(signature.shape)
+
+
+def _shape_hint(old, new) -> str:
+    """How to avoid this recompile: a new batch size only recompiles where the batch could not stay symbolic."""
+    if len(old.shape) == len(new.shape) and old.shape[1:] == new.shape[1:]:
+        return ("; the batch dimension could not stay symbolic here (build() uses the batch size as a number, "
+                "a batch of 1, or config.dynamic_batch=False): use drop_last=True in the DataLoader or pad the "
+                "short batch to avoid the recompile")
+    return "; only the first (batch) dimension may change without a recompile: pad or crop inputs to one shape"
+
+
 def _fields_changed(old, new) -> str:
     """'a: x -> y, b: ...' for the fields of two NamedTuples that differ."""
     return ", ".join(f"{f}: {getattr(old, f)} -> {getattr(new, f)}" for f in old._fields
@@ -99,6 +121,7 @@ class GraphRunner:
         self._cache: dict[tuple, list[_Compiled]] = {}  # per cache key, variants told apart by their guards
         self._last_parts: dict[str, dict] = {}
         self._scalars: dict[tuple, torch.Tensor] = {}
+        self._fixed_batch: set[tuple] = set()  # symbolic-batch keys whose trace turned the batch into a constant
         self.records: list[CompileRecord] = []
         self.graph_module: torch.fx.GraphModule | None = None
 
@@ -114,17 +137,20 @@ class GraphRunner:
         """Run one call of the step in graph mode; return build()'s outputs (detached)."""
         call = StepCall(step, phase, args, kwargs)
         refusals.check_hooks(call.tensors.names, call.tensors.tensors, call.tensors.is_param)
-        parts = call.key_parts()
-        key = tuple(parts.items())
-        variants = self._cache.get(key, [])
+        key, parts, variants, batch = self._lookup(call.key_parts(), BatchDims(call.leaves, step.config.dynamic_batch))
         compiled = next((c for c in variants if c.guard.change() is None), None)  # as dynamo's cache entries
         new = compiled is None
         if new:
-            compiled = self._compile(call, parts, variants[-1].guard.change() if variants else None)
-        inputs = [call.fetch(slot, self._scalars) for slot in compiled.slots]
+            compiled = self._compile(call, parts, batch, variants[-1].guard.change() if variants else None)
+            if batch and compiled.batch_guard is None:  # the trace fixed the batch size: key on the sizes
+                self._fixed_batch.add(key)
+                key, parts, _, batch = self._lookup(call.key_parts(), BatchDims([], False))
+        if compiled.batch_guard is not None:
+            call.leaves = batch.mark(call.leaves)
+        inputs = compiled.fetch.inputs(call, self._scalars)
         try:
             if new:
-                outs = self._first_call(compiled, inputs)
+                outs = self._first_call(compiled, inputs, step.name)
             else:
                 with torch.no_grad():
                     outs = compiled.fn(*inputs)
@@ -156,22 +182,38 @@ class GraphRunner:
                     leaf.grad.add_(grad)  # accumulates, as autograd does for a leaf
         return out
 
+    def _lookup(self, parts: dict, batch: BatchDims):
+        """(key, key parts, compiled variants, batch dims) of a call: the symbolic-batch variant when
+        there is one whose trace left the batch size free and whose conditions on it hold, else the concrete one."""
+        if batch:
+            general = batch.general(parts)
+            key = tuple(general.items())
+            variants = self._cache.get(key, [])
+            if key not in self._fixed_batch and all(c.batch_guard.holds(batch) for c in variants):
+                return key, general, variants, batch
+        key = tuple(parts.items())
+        return key, parts, self._cache.get(key, []), BatchDims([], False)
+
     @staticmethod
-    def _first_call(compiled: _Compiled, inputs: list):
-        """The call that compiles: with the recompute pass installed in inductor's config while it runs."""
+    def _first_call(compiled: _Compiled, inputs: list, name: str):
+        """The call that compiles: logged while it runs (progress.py), timed by compiler stage (compile.py)."""
+        record, recompute = compiled.record, compiled.recompute_pass
         start = time.perf_counter()
-        recompute = compiled.recompute_pass
-        with installed(recompute), eager_random(), torch.no_grad():
+        timer = CompileTimer()
+        what = f"{name} ({record.phase}, {record.nodes} ops, {record.inputs} inputs)"
+        with CompileProgress(what) as progress, compiling(recompute), eager_random(), torch.no_grad():
             outs = compiled.fn(*inputs)
-        compiled.record.first_call_s = time.perf_counter() - start
+            record.split = timer.split()
+            progress.summary = f"trace {record.trace_s:.2f} s, {record.split}"
+        record.first_call_s = time.perf_counter() - start
         if recompute is not None:
             # The pass does not run when inductor's FX graph cache supplies the compiled graph.
             runs = recompute.rewritten
-            compiled.record.recompute = (f"{sum(runs)} activations (inductor post-grad pass)" if runs else
-                                         "as compiled before (graph loaded from inductor's cache)")
+            record.recompute = (f"{sum(runs)} activations (inductor post-grad pass)" if runs else
+                                "as compiled before (graph loaded from inductor's cache)")
         return outs
 
-    def _compile(self, call: StepCall, parts: dict, guard_change: str | None) -> _Compiled:
+    def _compile(self, call: StepCall, parts: dict, batch: BatchDims, guard_change: str | None) -> _Compiled:
         name, config = call.step.name, call.step.config
         reason = guard_change or self._reason(call.phase, parts)
         recompiles = sum(r.reason != FIRST for r in self.records)
@@ -188,13 +230,15 @@ class GraphRunner:
         slots = call.slots()
         examples = [call.example(slot, self._scalars) for slot in slots]
         start = time.perf_counter()
-        gm, used, tracer = trace_step(call, slots, examples)
+        fakes, batch_guard = fake_examples(slots, examples, batch)
+        gm, used, tracer = trace_step(call, slots, fakes)
         trace_s = time.perf_counter() - start
         guard = guards.Guard.from_reads(tracer.reads, tracer.labels, OWN_ATTRIBUTES)
+        fixed = batch_guard.fixed
+        if fixed or not batch:
+            batch_guard = None
         options = {k: v for k, v in config.compile_options.items() if v is not None}
-        # gm.forward, not gm: fx's call wrapper formats a runtime error (a lost peer, a bad index) with a
-        # generator, which dynamo then fails to compile, hiding the real error behind "Attempt to trace generator".
-        fn = torch.compile(gm.forward, fullgraph=True, **options)
+        fn = compile_step(gm, options)
         record = CompileRecord(call.phase, reason, trace_s, inputs=len(used),
                                nodes=sum(n.op == "call_function" for n in gm.graph.nodes),
                                collectives=collectives.summary(gm, tracer.reducer))
@@ -207,7 +251,10 @@ class GraphRunner:
             record.recompute = f"off (backend {options['backend']!r}: the pass runs in inductor)"
         else:
             recompute = RecomputePass()
-        return _Compiled(fn, gm, [slots[i] for i in used], tracer, guard, record, recompute)
+        if batch:
+            record.batch = (f"fixed by build() (input {fixed[0]}'s first size is used as a number)" if fixed
+                            else "symbolic (" + ", ".join(f"input {i}" for i in batch.labels) + ")")
+        return _Compiled(fn, gm, [slots[i] for i in used], tracer, guard, record, recompute, batch_guard)
 
     def _register(self, key: tuple, parts: dict, compiled: _Compiled) -> None:
         """Cache and count a variant once its first run succeeded."""

@@ -28,7 +28,8 @@ def trace_step(call, slots: list[Slot], examples: list[torch.Tensor]):
     if tracer.reducer is not None:
         tracer.reducer.check_same_parameters(call)
     try:
-        gm = make_fx(tracer, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
+        # The examples are fake tensors, some with a symbolic batch dimension (batch.py).
+        gm = make_fx(tracer, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*examples)
     except (TraceError, policy.BuildError, TypeError, ValueError):
         raise  # dualmode's own errors, and the user's, already name the culprit
     except Exception as error:

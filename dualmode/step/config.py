@@ -32,6 +32,8 @@ class StepConfig:
             accumulated gradient or scheduler, in both modes.
         recompute_activations: graph mode with inductor recomputes cheap activations (BatchNorm, ReLU6, ...)
             in the backward instead of keeping them from the forward (remat.py): same numbers, less memory.
+        dynamic_batch: graph mode traces the first dimension of each tensor argument as a symbol, so a new
+            batch size (a DataLoader's short last batch) runs the compiled step without compiling again.
 
     Raises:
         ValueError: a field out of range (grad_accumulation_steps < 1, a clip norm that is not a finite
@@ -59,6 +61,7 @@ class StepConfig:
     max_recompiles: int = 8
     check_finite: bool = False
     recompute_activations: bool = True
+    dynamic_batch: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -83,7 +86,7 @@ class StepConfig:
         if unknown:
             raise ValueError(f"config.compile_options has unknown keys {sorted(unknown)}; "
                              "allowed: backend, mode, dynamic, options")
-        for name in ("check_finite", "recompute_activations"):
+        for name in ("check_finite", "recompute_activations", "dynamic_batch"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"config.{name} must be True or False, got {getattr(self, name)!r}")
         r = self.max_recompiles

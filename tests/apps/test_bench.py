@@ -31,8 +31,24 @@ def test_defaults_run_every_variant_but_the_recompute_comparison():
     args = parse([])
     assert (args.model, args.batch_size, args.backend, args.cold_cache) == ("mlp", 64, "inductor", False)
     assert (args.burst, args.pause_ms, args.compile_mode) == (1, bench.PAUSE_MS, None)
-    assert args.modes == ["eager", "graph", "torch-eager", "torch-compile", "fwd-bwd-eager", "fwd-bwd-compile"]
+    assert args.modes == ["eager", "graph", "torch-eager", "torch-compile", "fwd-bwd-eager", "fwd-bwd-compile",
+                          "floor-fused-update"]
     assert set(VARIANTS) == set(args.modes) | {"graph-no-recompute"}
+
+
+def test_the_floor_with_a_fused_update_is_the_same_sgd_step_as_torch_optim():
+    # Its losses after a few updates follow torch.optim's SGD (momentum, lr x lr_scale per group) on the same model.
+    import torch
+
+    from dualmode.apps.bench.variants import BenchSettings, make_batch
+
+    settings = BenchSettings(model="mlp", hidden=16, batch_size=8, backend="aot_eager")
+    x, y = make_batch(settings)
+    floor, reference = VARIANTS["floor-fused-update"].make(settings), VARIANTS["torch-eager"].make(settings)
+    losses = [(floor(x, y), reference(x, y)) for _ in range(4)]
+    assert losses[3][1] < losses[0][1]  # the reference did learn, so equal losses mean equal updates
+    for a, b in losses:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_options_parse():
@@ -82,7 +98,8 @@ def test_tiny_run_writes_json_with_every_variant_and_a_plot(tmp_path, capsys):
         assert v["cache_state"] == "none"  # aot_eager does not use inductor's caches
         assert v["memory"]["peak_through_warmup_mb"] is not None
         assert v["memory"]["page_faults_per_step"] >= 0
-        assert v["compiles"] == (1 if VARIANTS[name].compiles else 0), name
+        # The floor compiles two frames: the model's forward (with its backward) and its update function.
+        assert v["compiles"] == (2 if name == "floor-fused-update" else 1 if VARIANTS[name].compiles else 0), name
         assert v["compiles_after_first_call"] == 0, name
     assert result["variants"]["graph"]["trace_s"] > 0
     targets = {t["target"]: t for t in result["targets"]}

@@ -8,6 +8,7 @@ import statistics
 STEP_VS_EAGER = {"mobilenet_v2": 0.75, "mlp": 1.0}
 STEP_VS_BEST_TORCH = 1.0
 STEP_VS_FWD_BWD_COMPILE = 1.1
+STEP_VS_FLOOR = 1.05
 COLD_FIRST_CALL_VS_TORCH_COMPILE = 1.2
 WARM_FIRST_CALL_S = 15.0
 PEAK_MEMORY_VS_EAGER = 1.2
@@ -60,6 +61,9 @@ def targets(model: str, variants: dict) -> list[dict]:
     if "fwd-bwd-compile" in ok:
         check(f"graph step / compiled forward+backward alone <= {STEP_VS_FWD_BWD_COMPILE}",
               step / ok["fwd-bwd-compile"]["median_ms"], STEP_VS_FWD_BWD_COMPILE)
+    if "floor-fused-update" in ok:
+        check(f"graph step / the floor with a fused update <= {STEP_VS_FLOOR}",
+              step / ok["floor-fused-update"]["median_ms"], STEP_VS_FLOOR)
     check("compiles in the run == 1", graph["compiles"], 1.0,
           f"{graph['compiles_after_first_call']} after the first call")
     state = graph["cache_state"]
