@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from dualmode.step.policy import check_clip_settings
 
 
 def _default_compile_options() -> dict[str, Any]:
@@ -73,13 +74,7 @@ class StepConfig:
         k = self.grad_accumulation_steps
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"config.grad_accumulation_steps must be an int >= 1, got {k!r}")
-        if self.clip_grad_max_norm is not None:
-            m = self.clip_grad_max_norm
-            if not (isinstance(m, (int, float)) and math.isfinite(m) and m > 0):
-                raise ValueError(f"config.clip_grad_max_norm must be a finite positive number or None, got {m!r}")
-        t = self.clip_grad_norm_type
-        if not (isinstance(t, (int, float)) and (t > 0 or math.isinf(t))):
-            raise ValueError(f"config.clip_grad_norm_type must be a positive number or inf, got {t!r}")
+        check_clip_settings(self.clip_grad_max_norm, self.clip_grad_norm_type, "config")
         if not isinstance(self.compile_options, dict):
             raise TypeError(f"config.compile_options must be a dict, got {type(self.compile_options).__name__}")
         unknown = set(self.compile_options) - {"backend", "mode", "dynamic", "options"}

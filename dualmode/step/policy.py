@@ -53,13 +53,14 @@ def check_groups(groups: list[dict]) -> None:
 
 
 def check_clip_settings(max_norm, norm_type, where: str) -> None:
-    """ValueError naming `where` unless max_norm is a positive number and norm_type a positive norm or inf."""
-    if not (isinstance(max_norm, numbers.Real) and not isinstance(max_norm, bool) and math.isfinite(max_norm)
-            and max_norm > 0):
-        raise ValueError(f"{where}: clip max norm must be a finite positive number, got {max_norm!r}")
+    """ValueError naming `where` unless max_norm (None: no clipping) is a finite positive number and norm_type a
+    positive norm or inf; the one check of the config's and the groups' clip settings."""
+    if max_norm is not None and not (isinstance(max_norm, numbers.Real) and not isinstance(max_norm, bool)
+                                     and math.isfinite(max_norm) and max_norm > 0):
+        raise ValueError(f"{where}: clip_grad_max_norm must be a finite positive number or None, got {max_norm!r}")
     if not (isinstance(norm_type, numbers.Real) and not isinstance(norm_type, bool)
             and (norm_type > 0 or math.isinf(norm_type))):
-        raise ValueError(f"{where}: clip norm type must be a positive number or inf, got {norm_type!r}")
+        raise ValueError(f"{where}: clip_grad_norm_type must be a positive number or inf, got {norm_type!r}")
 
 
 @dataclass(frozen=True)
