@@ -47,7 +47,7 @@ def measure(model: nn.Module, features: int, calls: int, backend: str) -> dict[s
     step = Step(model, torch.optim.SGD(groups, lr=0.01, momentum=0.9), config)
     x, y = torch.randn(8, features), torch.randint(0, min(features, 10), (8,))
     step(x, y)
-    (compiled,) = step._graph._cache.values()
+    ((compiled,),) = step._graph._cache.values()  # one key, one variant
     inside = []
     fn = compiled.fn
 

@@ -48,18 +48,6 @@ class BatchDims:
                            for i, s in enumerate(signatures))
         return {**parts, "inputs": (spec, signatures)}
 
-    def mark(self, leaves: list) -> list:
-        """Aliases of the symbolic leaves marked dynamic for dynamo (the user's own tensors stay unmarked).
-
-        An input that requires grad stays itself: graph mode hands it its `.grad` (an alias would get it instead).
-        """
-        leaves = list(leaves)
-        for i in self.labels:
-            if not leaves[i].requires_grad:
-                leaves[i] = leaves[i].detach()
-            torch._dynamo.mark_dynamic(leaves[i], 0)
-        return leaves
-
 
 def _labelled(signature: InputSignature, label: str) -> InputSignature:
     return signature._replace(shape=(label,) + tuple(signature.shape[1:]))

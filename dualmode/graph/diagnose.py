@@ -84,3 +84,29 @@ def _dtype_hint(args: list, tensors: list) -> str:
             shown = ", ".join(sorted(str(d).replace("torch.", "") for d in params))
             return f" (input {i} is {str(a.dtype).replace('torch.', '')}, the parameters are {shown})"
     return ""
+
+
+def layout_error(call, compiled, position: int, tensor) -> RuntimeError:
+    """A RuntimeError naming an input of a compiled variant whose shape, strides or dtype differ from the trace's.
+
+    Graph mode's cache key covers the layout of parameters, buffers and arguments, not that of optimizer state or
+    gradients a user replaced by hand; the compiled code assumes the traced layout, so such a call is refused.
+    """
+    slot = compiled.slots[position]
+    traced = compiled.fetch.traced(position)
+    return RuntimeError(
+        f"{call.step.name}: {_slot_name(call, slot)} has shape {tuple(tensor.shape)}, strides {tensor.stride()} and "
+        f"dtype {tensor.dtype}, but the compiled step was traced with shape {traced[0]}, strides {traced[1]} and "
+        f"dtype {traced[2]}; nothing was computed or updated. Keep it as torch.optim creates it "
+        "(torch.zeros_like of the parameter, or .contiguous()), or run the step with mode='eager'.")
+
+
+def _slot_name(call, slot) -> str:
+    tensor = getattr(slot, "tensor", None)
+    owner = call.tensors.names[tensor] if tensor is not None else None
+    key = getattr(slot, "key", None)
+    if key is not None:
+        return f"the optimizer state {key!r} of {owner}"
+    if owner is not None:
+        return f"the gradient of {owner}" if type(slot).__name__ == "GradSlot" else f"the input of {owner}"
+    return f"input {slot}"

@@ -1,11 +1,13 @@
 """Fetching the inputs of a compiled variant at each call, with as little Python as possible.
 
-The slots of a variant are fixed when it is compiled, so the way to get each one is chosen once (`FetchPlan`)
-rather than by an `isinstance` chain per slot and call. The bulk of the slots of a small model are its
-parameters (a detached alias each, as before) and the groups' runtime scalars: those persistent 0-d tensors
-are refilled only when the group's value changed since this plan last filled them and nothing else wrote
-them since (their version counter says so), which is exact: the compiled step only reads them. Optimizer state,
-gradients and flags go through `StepCall.fetch`, which creates state the way torch.optim would.
+The slots of a variant are fixed when it is compiled, so the way to get each one is chosen once (`FetchPlan`:
+one small tuple per slot, read by position) rather than by an `isinstance` chain and dict lookups keyed by
+slot objects (a dataclass's hash is a Python call) per slot and call. The bulk of the slots of a small model
+are its parameters (a detached alias each), their optimizer state (as torch.optim holds it) and the groups'
+runtime scalars: those persistent 0-d tensors are refilled only when the group's value changed since this plan
+last filled them and nothing else wrote them since (their version counter says so), which is exact: the
+compiled step only reads them. Missing optimizer state, gradients and tensor hyperparameters go through
+`StepCall.fetch`, which creates state the way torch.optim would.
 """
 
 from __future__ import annotations
@@ -13,38 +15,86 @@ from __future__ import annotations
 import torch
 
 from dualmode.graph.inputs import StepCall, _scalar
-from dualmode.graph.slots import ArgSlot, HyperSlot, TensorSlot
+from dualmode.graph.slots import ArgSlot, HasBufferSlot, HyperSlot, StateSlot, TensorSlot
+
+PARAM, BUFFER, ARG, HYPER, STATE, HAS_BUFFER, OTHER = range(7)
 
 
 class FetchPlan:
     """How to get each input of one compiled variant, in order."""
 
-    def __init__(self, slots: list):
+    def __init__(self, slots: list, is_param: list[bool]):
         self.slots = slots
-        self._last: dict[HyperSlot, tuple] = {}  # (value, tensor, version) as this plan last filled each scalar
-
-    def inputs(self, call: StepCall, scalars: dict) -> list[torch.Tensor]:
-        tensors, is_param, leaves = call.tensors.tensors, call.tensors.is_param, call.leaves
-        out = []
-        for slot in self.slots:
+        self._steps: list[tuple] = []
+        for slot in slots:
             kind = type(slot)
             if kind is TensorSlot:
-                t = tensors[slot.index]
-                out.append(t.detach() if is_param[slot.index] else t)
+                self._steps.append((PARAM if is_param[slot.index] else BUFFER, slot.index))
             elif kind is ArgSlot:
-                out.append(leaves[slot.index])
+                self._steps.append((ARG, slot.index))
             elif kind is HyperSlot:
-                out.append(self._hyper(call, slot, scalars))
+                self._steps.append((HYPER, slot.group, slot.name, slot))
+            elif kind is StateSlot:
+                self._steps.append((STATE, slot.tensor, slot.key, slot))
+            elif kind is HasBufferSlot:
+                self._steps.append((HAS_BUFFER, slot.tensor, None, slot))
             else:
-                out.append(call.fetch(slot, scalars))
+                self._steps.append((OTHER, slot))
+        self._filled: list = [None] * len(slots)  # per scalar slot: (tensor, value, version) as last filled here
+        # Optimizer state and gradients: the cache key does not cover their layout (a user may replace them),
+        # and the compiled code assumes the traced one, so it is compared at every call (a few hundred ns each).
+        self.checked = [i for i, slot in enumerate(slots) if type(slot) not in (TensorSlot, ArgSlot, HyperSlot)]
+        self._layouts = None
+
+    def traced_layouts(self, examples: list) -> None:
+        """Note the (shape, strides, dtype) the trace saw for the checked slots."""
+        self._layouts = [(tuple(examples[i].shape), tuple(examples[i].stride()), examples[i].dtype)
+                         for i in self.checked]
+
+    def traced(self, position: int) -> tuple:
+        return self._layouts[self.checked.index(position)]
+
+    def misfit(self, inputs: list) -> int | None:
+        """The position of the first checked input laid out otherwise than traced, or None."""
+        now = [(tuple(t.shape), t.stride(), t.dtype) for t in map(inputs.__getitem__, self.checked)]
+        if now == self._layouts:
+            return None
+        return next(i for i, a, b in zip(self.checked, now, self._layouts) if a != b)
+
+    def inputs(self, call: StepCall, scalars: dict) -> list[torch.Tensor]:
+        tensors, leaves = call.tensors.tensors, call.leaves
+        state = call.optimizer.state if call.optimizer is not None else {}
+        out = []
+        for i, step in enumerate(self._steps):
+            kind = step[0]
+            if kind == PARAM:
+                out.append(tensors[step[1]].detach())
+            elif kind == BUFFER:
+                out.append(tensors[step[1]])
+            elif kind == ARG:
+                out.append(leaves[step[1]])
+            elif kind == STATE:  # existing state as it is; missing state is created by call.fetch
+                held = state.get(tensors[step[1]])
+                t = held.get(step[2]) if held is not None else None
+                out.append(t if t is not None else call.fetch(step[3], scalars))
+            elif kind == HYPER:
+                value = call._hyper(step[1])[step[2]]
+                if isinstance(value, torch.Tensor):  # a tensor lr or betas: its own dtype, refilled at every call
+                    out.append(call.fetch(step[3], scalars))
+                else:
+                    out.append(self._scalar(i, step[3], value, torch.float64, scalars))
+            elif kind == HAS_BUFFER:
+                held = state.get(tensors[step[1]])
+                has = held is not None and held.get(call.plan.lazy) is not None
+                out.append(self._scalar(i, step[3], has, torch.bool, scalars))
+            else:
+                out.append(call.fetch(step[1], scalars))
         return out
 
-    def _hyper(self, call: StepCall, slot: HyperSlot, scalars: dict) -> torch.Tensor:
-        value = call._hyper(slot.group)[slot.name]
-        if isinstance(value, torch.Tensor):  # a tensor lr or betas: its own dtype, refilled at every call
-            return call.fetch(slot, scalars)
-        t = scalars.get(slot)
-        if t is None or self._last.get(slot) != (value, id(t), t._version):
-            t = _scalar(scalars, slot, torch.float64).fill_(value)
-            self._last[slot] = (value, id(t), t._version)
+    def _scalar(self, i: int, slot, value, dtype: torch.dtype, scalars: dict) -> torch.Tensor:
+        filled = self._filled[i]
+        if filled is not None and filled[1] == value and filled[0]._version == filled[2]:
+            return filled[0]
+        t = _scalar(scalars, slot, dtype).fill_(value)
+        self._filled[i] = (t, value, t._version)
         return t

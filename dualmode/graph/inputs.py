@@ -69,6 +69,16 @@ class StepCall:
             self._check_optimizer()
             self._check_inputs()
 
+    def again(self, step: StepView, phase: str, leaves: list, hyper: dict) -> StepCall:
+        """A call like this one, with new arguments (same structure): the walk and the checks are reused."""
+        call = object.__new__(StepCall)
+        call.__dict__.update(self.__dict__)
+        call.step, call.phase, call.leaves = step, phase, leaves
+        call._hyper_cache, call.created = hyper, []
+        if call.optimizer is not None:
+            call.check_settings()
+        return call
+
     def _check_inputs(self) -> None:
         for k, v in enumerate(self.leaves):
             if isinstance(v, torch.Tensor) and v.requires_grad and v.grad_fn is not None:
@@ -79,27 +89,33 @@ class StepCall:
                     "with mode='eager'")
 
     def _check_optimizer(self) -> None:
-        optimizer = self.optimizer
-        name = type(optimizer).__name__
-        if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
-            raise TypeError(f"graph mode does not call {name}'s step hooks, and this optimizer has some: "
-                            "run the step with mode='eager' or remove the hooks")
-        backend = self.step.config.compile_options.get("backend", "inductor")
-        for gi, group in enumerate(optimizer.param_groups):
-            if (type(optimizer) is torch.optim.NAdam and backend == "inductor" and group.get("weight_decay")
-                    and not group.get("decoupled_weight_decay")):
-                # Measured: inductor's code for it differs from eager by 2e-2 (aot_eager and eager match); a
-                # wrong update must not run silently, so it is refused until the cause is found.
-                raise TypeError(
-                    f"graph mode with inductor cannot run NAdam with coupled weight decay (param group {gi}, "
-                    f"weight_decay={group['weight_decay']}): its compiled update differs from eager mode's. Use "
-                    "decoupled_weight_decay=True, the 'aot_eager' backend, or mode='eager'")
+        self.check_settings()
+        for gi, group in enumerate(self.optimizer.param_groups):
             for pi, p in enumerate(group["params"]):
                 if id(p) not in self.tensors.index:
                     raise ValueError(
                         f"param group {gi}, parameter {pi} (shape {tuple(p.shape)}) is not a parameter of any "
                         f"module of {self.step.name}; graph mode updates only parameters of the "
                         "nn.Module attributes of the step")
+
+    def check_settings(self) -> None:
+        """Refuse optimizer settings graph mode cannot honour (checked at every call: they may change)."""
+        optimizer = self.optimizer
+        name = type(optimizer).__name__
+        if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
+            raise TypeError(f"graph mode does not call {name}'s step hooks, and this optimizer has some: "
+                            "run the step with mode='eager' or remove the hooks")
+        if type(optimizer) is not torch.optim.NAdam or self.step.config.compile_options.get("backend",
+                                                                                           "inductor") != "inductor":
+            return
+        for gi, group in enumerate(optimizer.param_groups):
+            if group.get("weight_decay") and not group.get("decoupled_weight_decay"):
+                # Measured: inductor's code for it differs from eager by 2e-2 (aot_eager and eager match); a
+                # wrong update must not run silently, so it is refused until the cause is found.
+                raise TypeError(
+                    f"graph mode with inductor cannot run NAdam with coupled weight decay (param group {gi}, "
+                    f"weight_decay={group['weight_decay']}): its compiled update differs from eager mode's. Use "
+                    "decoupled_weight_decay=True, the 'aot_eager' backend, or mode='eager'")
 
     @property
     def groups(self) -> list[dict]:

@@ -143,7 +143,7 @@ class Explanation:
         >>> print(step.explain())
         mode: graph
         compiled graphs: 1 (one per cached variant of the step)
-        graph breaks: 0 (each graph is compiled with fullgraph=True, so a break would raise)
+        graph breaks: 0 (the traced graph goes to the backend whole, without dynamo: nothing can break it)
         compiles: 1, recompiles: 0
           1. [step] first call: ... ops, ... inputs, trace ... s, first call (compile + run) ... s; recomputed ...
         >>> step.explain().recompiles
@@ -162,7 +162,7 @@ class Explanation:
     def __str__(self) -> str:
         lines = [f"mode: {self.mode}",
                  f"compiled graphs: {self.graphs} (one per cached variant of the step)",
-                 "graph breaks: 0 (each graph is compiled with fullgraph=True, so a break would raise)",
+                 "graph breaks: 0 (the traced graph goes to the backend whole, without dynamo: nothing can break it)",
                  f"compiles: {len(self.compiles)}, recompiles: {len(self.recompiles)}"]
         for i, r in enumerate(self.compiles):
             lines.append(f"  {i + 1}. [{r.phase}] {r.reason}: {r.nodes} ops, {r.inputs} inputs, "

@@ -1,16 +1,17 @@
-"""Graph mode: trace the whole training step into one GraphModule and compile it with torch.compile.
+"""Graph mode: trace the whole training step into one GraphModule and compile it with a torch.compile backend.
 
 How (trace.py): `make_fx` runs `build()` once on fake tensors with every parameter, buffer, optimizer state and
 hyperparameter swapped in as a graph input. Autograd runs for real during that trace, so `loss.backward()`
 inside `build()` is recorded op by op, tied weights included (one Parameter is one input, whatever its names).
 The update rule of `updates.py` is then traced on the gradients, and its results are written back into the
-inputs (`copy_`), which torch.compile turns into in-place updates. The result is one graph, compiled with
-`torch.compile(fullgraph=True)`: a graph break would raise, never split the step silently.
+inputs (`copy_`), which AOTAutograd turns into in-place updates. The result is one graph, handed whole to the
+backend (inductor by default; compile.py), without dynamo: nothing can split it.
 
 What is baked into the graph: each group's `lr_scale`, the optimizer's switches (nesterov, amsgrad, ...),
 shapes and dtypes, which parameters are trainable, train/eval mode, and the config. What stays a runtime
 input: each group's lr and its other numeric hyperparameters, so schedulers never recompile. The baked parts
-form the cache key; a change compiles a new graph, with a warning that names what changed.
+form the cache key; a change compiles a new graph, with a warning that names what changed. A call like the
+last one of its phase is recognised without rebuilding the key (fastpath.py).
 
 With inductor, the compile runs `remat.RecomputePass` as a post-grad pass: it recomputes cheap activations in
 the backward, as AOTAutograd's partitioner does for `torch.compile(model)` (see remat.py).
@@ -28,6 +29,7 @@ from torch.utils._pytree import tree_unflatten
 from dualmode.graph import collectives, diagnose, guards, refusals
 from dualmode.graph.batch import BatchDims, BatchGuard, fake_examples
 from dualmode.graph.compile import CompileTimer, compile_step, compiling
+from dualmode.graph.fastpath import LastCall
 from dualmode.graph.fetch import FetchPlan
 from dualmode.graph.inputs import StepCall
 from dualmode.graph.progress import CompileProgress
@@ -50,9 +52,7 @@ class _Compiled:
     record: CompileRecord
     recompute_pass: RecomputePass | None = None
     batch_guard: BatchGuard | None = None  # None: the batch size is a constant of this variant
-
-    def __post_init__(self):
-        self.fetch = FetchPlan(self.slots)
+    fetch: FetchPlan | None = None
 
 
 def _describe_change(name: str, old, new) -> str:
@@ -122,6 +122,7 @@ class GraphRunner:
         self._last_parts: dict[str, dict] = {}
         self._scalars: dict[tuple, torch.Tensor] = {}
         self._fixed_batch: set[tuple] = set()  # symbolic-batch keys whose trace turned the batch into a constant
+        self._last_call: dict[str, LastCall] = {}  # per phase: the call the next one is compared with
         self.records: list[CompileRecord] = []
         self.graph_module: torch.fx.GraphModule | None = None
 
@@ -135,6 +136,11 @@ class GraphRunner:
 
     def run(self, step: StepView, phase: str, args: tuple, kwargs: dict):
         """Run one call of the step in graph mode; return build()'s outputs (detached)."""
+        last = self._last_call.get(phase)
+        call = last.reuse(step, phase, args, kwargs) if last is not None else None
+        if call is not None and last.compiled.guard.change() is None:
+            refusals.check_hooks(call.tensors.names, call.tensors.tensors, call.tensors.is_param)
+            return self._run(call, last.compiled)
         call = StepCall(step, phase, args, kwargs)
         refusals.check_hooks(call.tensors.names, call.tensors.tensors, call.tensors.is_param)
         key, parts, variants, batch = self._lookup(call.key_parts(), BatchDims(call.leaves, step.config.dynamic_batch))
@@ -145,22 +151,33 @@ class GraphRunner:
             if batch and compiled.batch_guard is None:  # the trace fixed the batch size: key on the sizes
                 self._fixed_batch.add(key)
                 key, parts, _, batch = self._lookup(call.key_parts(), BatchDims([], False))
-        if compiled.batch_guard is not None:
-            call.leaves = batch.mark(call.leaves)
+        if not new:
+            out = self._run(call, compiled)
+            self._last_call[phase] = LastCall(call, compiled, args, kwargs)
+            return out
         inputs = compiled.fetch.inputs(call, self._scalars)
         try:
-            if new:
-                outs = self._first_call(compiled, inputs, step.name)
-            else:
-                with torch.no_grad():
-                    outs = compiled.fn(*inputs)
+            outs = self._first_call(compiled, inputs, step.name)
         except Exception as error:
+            call.undo_created()  # nothing of a failed variant is cached or counted
+            raise diagnose.first_run_error(step.name, error, call.leaves, call.tensors.tensors) from error
+        self._register(key, parts, compiled)
+        self._last_call[phase] = LastCall(call, compiled, args, kwargs)
+        return self._results(call, compiled, list(outs))
+
+    def _run(self, call: StepCall, compiled: _Compiled):
+        """A call of a variant that has run before."""
+        inputs = compiled.fetch.inputs(call, self._scalars)
+        misfit = compiled.fetch.misfit(inputs)
+        if misfit is not None:
             call.undo_created()
-            if new:  # nothing of a failed variant is cached or counted
-                raise diagnose.first_run_error(step.name, error, call.leaves, call.tensors.tensors) from error
+            raise diagnose.layout_error(call, compiled, misfit, inputs[misfit])
+        try:
+            with torch.no_grad():
+                outs = compiled.fn(*inputs)
+        except Exception:
+            call.undo_created()
             raise
-        if new:
-            self._register(key, parts, compiled)
         return self._results(call, compiled, list(outs))
 
     def _results(self, call: StepCall, compiled: _Compiled, outs: list):
@@ -203,7 +220,7 @@ class GraphRunner:
         what = f"{name} ({record.phase}, {record.nodes} ops, {record.inputs} inputs)"
         with CompileProgress(what) as progress, compiling(recompute), eager_random(), torch.no_grad():
             outs = compiled.fn(*inputs)
-            record.split = timer.split()
+            record.split = timer.split(compiled.fn.compile_s)
             progress.summary = f"trace {record.trace_s:.2f} s, {record.split}"
         record.first_call_s = time.perf_counter() - start
         if recompute is not None:
@@ -254,7 +271,9 @@ class GraphRunner:
         if batch:
             record.batch = (f"fixed by build() (input {fixed[0]}'s first size is used as a number)" if fixed
                             else "symbolic (" + ", ".join(f"input {i}" for i in batch.labels) + ")")
-        return _Compiled(fn, gm, [slots[i] for i in used], tracer, guard, record, recompute, batch_guard)
+        fetch = FetchPlan([slots[i] for i in used], call.tensors.is_param)
+        fetch.traced_layouts([examples[i] for i in used])
+        return _Compiled(fn, gm, fetch.slots, tracer, guard, record, recompute, batch_guard, fetch)
 
     def _register(self, key: tuple, parts: dict, compiled: _Compiled) -> None:
         """Cache and count a variant once its first run succeeded."""

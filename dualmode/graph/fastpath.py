@@ -1,0 +1,104 @@
+"""The steady-state call: tell in a few microseconds that this call is like the last one of its phase.
+
+Building a `StepCall` walks every module with `named_parameters()` and its cache key hashes a tuple of
+signatures: about 150 to 300 us per call for a small model, as much as the compiled step itself. Once a
+variant has run, `LastCall` keeps what that call was made of (the modules of the tree and the dicts that hold
+their children, parameters and buffers, each tensor's layout, the arguments' layout, the config, each param
+group's parameters, switches, lr_scale, clip and hyperparameter kinds) and compares the next call with it,
+by identity where it can and by value where it must. Anything different, and the call takes the full path
+(which finds or compiles its variant and names the change); the same, and it reuses the walk and the variant.
+What build() read from Python is not part of this: the variant's own guard checks that at every call.
+"""
+
+from __future__ import annotations
+
+from operator import attrgetter, is_, methodcaller
+
+import torch
+
+from dualmode.graph.inputs import StepCall
+
+_LAYOUT = (attrgetter("shape"), methodcaller("stride"), attrgetter("dtype"), attrgetter("device"),
+           attrgetter("requires_grad"))
+_SHAPE, _STRIDE, _DTYPE, _DEVICE, _REQUIRES_GRAD = _LAYOUT
+
+
+def _layouts(tensors: list) -> tuple:
+    # Column by column (each a C-level map): a few hundred ns per tensor.
+    return tuple(list(map(get, tensors)) for get in _LAYOUT)
+
+
+def _plain(args: tuple, kwargs: dict) -> bool:
+    """Tensors only, as positional arguments: the usual call, whose structure is its length."""
+    return not kwargs and all(type(a) is torch.Tensor for a in args)
+
+
+def _same(a, b) -> bool:
+    """The same objects in the same order (identity: a tensor's == would compare values)."""
+    return len(a) == len(b) and all(map(is_, a, b))
+
+
+def _config_values(config) -> tuple:
+    return (config.autocast_dtype, config.clip_grad_max_norm, config.clip_grad_norm_type, config.check_finite,
+            config.recompute_activations, config.dynamic_batch, dict(config.compile_options))
+
+
+def _group_values(plan, group: dict) -> tuple:
+    hyper = plan.hyper_values(group)
+    kinds = tuple(v.dtype if isinstance(v, torch.Tensor) else float for v in hyper.values())
+    return (plan.flags(group), float(group.get("lr_scale", 1.0)),
+            (group.get("clip_grad_max_norm"), group.get("clip_grad_norm_type", 2.0)), kinds), hyper
+
+
+class LastCall:
+    """What one successful call of a phase was made of, and the variant it ran."""
+
+    def __init__(self, call: StepCall, compiled, args: tuple, kwargs: dict):
+        self.call, self.compiled = call, compiled
+        self.plain = _plain(args, kwargs)
+        self.roots = list(call.modules)
+        self.tree = list(dict.fromkeys(m for _, root in self.roots for m in root.modules()))
+        self.training = [m.training for m in self.tree]
+        # Each module's dicts of children, parameters and buffers, with what they held (empty ones cost nothing).
+        self.dicts = [(d, tuple(d.values())) for m in self.tree for d in (m._modules, m._parameters, m._buffers)]
+        self.tensors = call.tensors.tensors
+        self.layouts = _layouts(self.tensors)
+        self.args = _layouts(call.leaves) + (list(map(attrgetter("grad_fn"), call.leaves)),) if self.plain else None
+        self.config = _config_values(call.step.config)
+        self.optimizer = call.optimizer
+        self.groups = None
+        if call.optimizer is not None:
+            groups = call.optimizer.param_groups
+            self.group_params = [list(g["params"]) for g in groups]
+            self.groups = [_group_values(call.plan, g)[0] for g in groups]
+
+    def reuse(self, step, phase: str, args: tuple, kwargs: dict) -> StepCall | None:
+        """This call as a StepCall that reuses the last one's walk, or None if anything differs from it."""
+        if not (self.plain and _plain(args, kwargs)):
+            return None  # the full path keys on constants and structure
+        if not _same([m for _, m in step.modules], [m for _, m in self.roots]) or \
+                [n for n, _ in step.modules] != [n for n, _ in self.roots]:
+            return None
+        if [m.training for m in self.tree] != self.training:
+            return None
+        for d, held in self.dicts:
+            if (d or held) and not _same(d.values(), held):
+                return None
+        if _layouts(self.tensors) != self.layouts:
+            return None
+        leaves = list(args)
+        if _layouts(leaves) + (list(map(attrgetter("grad_fn"), leaves)),) != self.args:
+            return None
+        if _config_values(step.config) != self.config or step.optimizer is not self.optimizer:
+            return None
+        hyper = {}
+        if self.optimizer is not None:
+            groups = self.optimizer.param_groups
+            if len(groups) != len(self.groups):
+                return None
+            plan = self.call.plan
+            for gi, (group, params, values) in enumerate(zip(groups, self.group_params, self.groups)):
+                now, hyper[gi] = _group_values(plan, group)
+                if now != values or not _same(group["params"], params):
+                    return None
+        return self.call.again(step, phase, leaves, hyper)
