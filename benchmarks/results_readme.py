@@ -16,7 +16,7 @@ def load_results(results_dir: str) -> list[tuple[str, dict]]:
         if isinstance(result, dict) and result.get("schema") == "dualmode-bench/1":
             found.append((os.path.basename(path), result))
     return sorted(found, key=lambda item: (item[1]["settings"]["model"], item[1]["settings"]["batch_size"],
-                                           item[0].endswith("_cold.json")))
+                                           "_cold" in item[0], item[0]))
 
 
 def _variant_rows(result: dict) -> list[str]:

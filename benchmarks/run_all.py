@@ -2,8 +2,9 @@
 
 Each run is written as <hardware>_<torch>_<compile mode>_<model>_b<batch>.json (and .png), e.g.
 cpu-2core_torch2.13.0_inductor_mobilenet_v2_b64.json. The runs use the shared inductor cache, so their first
-calls are cold only when the cache is (each file says, per variant); `--cold` adds one MobileNetV2 batch-64 run
-of the compiled variants with an empty cache each (file name ending in _cold), for the cold first-call figures.
+calls are cold only when the cache is (each file says, per variant); `--cold` first adds two MobileNetV2 batch-64
+runs of the compiled variants with an empty cache each, in opposite orders (file names ending in _cold and
+_cold_reversed), for the cold first-call figures.
 Before each run, the script waits (up to --max-wait seconds) for the machine to be quiet, as it may be shared.
 
 Run:  python benchmarks/run_all.py [--cold] [--only mlp_b64 ...] [--readme-only]
@@ -33,15 +34,18 @@ STEPS = {"mlp": ("--steps", "100", "--warmup", "2", "--burst", "10"),
          # graph-no-recompute: graph mode without remat.py's pass, in the same interleaved run.
          "mobilenet_v2": ("--steps", "12", "--warmup", "2", "--modes", *DEFAULT_VARIANTS, "graph-no-recompute")}
 RUNS = [("mlp", 32), ("mlp", 64), ("mobilenet_v2", 32), ("mobilenet_v2", 64)]
-# The cold run is there for the first calls: the compiled variants only, a few steps.
-COLD = ("--modes", "graph", "torch-compile", "fwd-bwd-compile", "--steps", "3", "--warmup", "1", "--cold-cache")
+# The cold runs are there for the first calls: the compiled variants only, a few steps, an empty inductor cache
+# per variant, each in its own process; twice, in opposite orders, so that neither side always compiles first.
+COLD_VARIANTS = ("graph", "torch-compile", "fwd-bwd-compile")
+COLD = ("--steps", "3", "--warmup", "1", "--cold-cache")
 
 
-def result_stem(model: str, batch: int, cold: bool = False) -> str:
-    """The file name (without extension) that records hardware, torch version, compile mode, model and batch."""
+def result_stem(model: str, batch: int, cold: str = "") -> str:
+    """The file name (without extension) that records hardware, torch version, compile mode, model and batch;
+    cold: "" for the timed run, "cold" or "cold_reversed" for the cold first-call runs."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     version = torch.__version__.split("+")[0]
-    return f"cpu-{cores}core_torch{version}_{BACKEND}_{model}_b{batch}" + ("_cold" if cold else "")
+    return f"cpu-{cores}core_torch{version}_{BACKEND}_{model}_b{batch}" + (f"_{cold}" if cold else "")
 
 
 def wait_until_quiet(threshold: float, max_wait_s: float) -> float | None:
@@ -59,10 +63,12 @@ def wait_until_quiet(threshold: float, max_wait_s: float) -> float | None:
               flush=True)
 
 
-def record(model: str, batch: int, cold: bool, args: argparse.Namespace) -> int:
+def record(model: str, batch: int, cold: str, args: argparse.Namespace) -> int:
     """Run one configuration through `dualmode bench` and write its JSON and plot into results/."""
     stem = os.path.join(RESULTS, result_stem(model, batch, cold))
-    argv = ["--model", model, "--batch-size", str(batch), *(COLD if cold else STEPS[model]), "--backend", BACKEND,
+    order = COLD_VARIANTS[::-1] if cold == "cold_reversed" else COLD_VARIANTS
+    how = (*COLD, "--modes", *order) if cold else STEPS[model]
+    argv = ["--model", model, "--batch-size", str(batch), *how, "--backend", BACKEND,
             "--json", stem + ".json", "--plot", stem + ".png"]
     parser = argparse.ArgumentParser(prog="dualmode bench")
     bench.add_arguments(parser)
@@ -72,7 +78,8 @@ def record(model: str, batch: int, cold: bool, args: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cold", action="store_true", help="also record mobilenet_v2 b64 with empty caches")
+    parser.add_argument("--cold", action="store_true",
+                        help="first record mobilenet_v2 b64 with empty caches, twice, in opposite variant orders")
     parser.add_argument("--only", nargs="+", metavar="MODEL_bBATCH", help="record only these, e.g. mlp_b64")
     parser.add_argument("--readme-only", action="store_true", help="only rewrite results/README.md")
     parser.add_argument("--quiet", type=float, default=0.15,
@@ -82,7 +89,8 @@ def main() -> int:
     os.makedirs(RESULTS, exist_ok=True)
     failed = 0
     if not args.readme_only:
-        runs = [(m, b, False) for m, b in RUNS] + ([("mobilenet_v2", 64, True)] if args.cold else [])
+        runs = ([("mobilenet_v2", 64, c) for c in ("cold", "cold_reversed")] if args.cold else [])
+        runs += [(m, b, "") for m, b in RUNS]
         for model, batch, cold in runs:
             if args.only and f"{model}_b{batch}" not in args.only:
                 continue
