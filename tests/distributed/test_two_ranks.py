@@ -161,11 +161,3 @@ def test_tutorial_under_torchrun_splits_the_global_batch_and_only_rank_0_prints(
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes (torchrun), 16 images of each batch per process" in done.stdout
     assert done.stdout.count("=== summary ===") == 1 and done.stdout.count("Epoch 1") == 1
-
-
-def test_bench_under_torchrun_refuses_and_says_what_is_missing(monkeypatch, capsys):
-    from dualmode.apps.cli import main
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["bench", "--steps", "1"]) == 2
-    assert "does not support it yet" in capsys.readouterr().err

@@ -13,7 +13,6 @@ import datetime
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,8 +20,11 @@ import time
 import torch
 
 from dualmode.apps.bench import report as bench_report
-from dualmode.apps.bench.machine import ForeignLoad, machine_info, usable_cores
+from dualmode.apps.bench.channel import Worker, WorkerError
+from dualmode.apps.bench.machine import ForeignLoad, machine_info
+from dualmode.apps.bench.ranks import Ranks, default_threads
 from dualmode.apps.bench.variants import DEFAULT_VARIANTS, MODELS, VARIANTS, BenchSettings
+from dualmode.apps.launch import Launch
 
 PAUSE_MS = 50
 NAME = "bench"
@@ -57,8 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (default: inductor)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune (default: none)")
     parser.add_argument("--hidden", type=_at_least(1), default=512, help="hidden width of the mlp (default: 512)")
-    parser.add_argument("--threads", type=_at_least(1), default=usable_cores(),
-                        help=f"torch threads in each variant (default: the core count, {usable_cores()})")
+    parser.add_argument("--threads", type=_at_least(1), default=default_threads(),
+                        help="torch threads in each variant (default: the core count, divided by the ranks on this "
+                             f"machine under torchrun: {default_threads()})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model and the batch (default: 0)")
     parser.add_argument("--pause-ms", type=_at_least(0), default=PAUSE_MS,
                         help="idle time before each timed step, so that the threads of the variant that ran before "
@@ -71,73 +74,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _progress(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
-
-
-class WorkerError(RuntimeError):
-    """A variant's worker process failed; the message names the variant."""
-
-
-class Worker:
-    """The parent's end of one variant's worker process."""
-
-    def __init__(self, name: str, settings: BenchSettings, threads: int, cache_dir: str | None):
-        self.name = name
-        env = dict(os.environ)
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-        if cache_dir is not None:
-            env["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "dualmode.apps.bench.worker", name, json.dumps(vars(settings)), str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-
-    def ask(self, command: str | None) -> dict:
-        """Send a command (None: only read the next reply) and return the reply; WorkerError on failure."""
-        if command is not None:
-            self.process.stdin.write(command + "\n")
-            self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            code = self.process.wait()
-            raise WorkerError(f"variant {self.name!r}: its worker process exited (code {code}) during {command!r}")
-        reply = json.loads(line)
-        if "error" in reply:
-            raise WorkerError(f"variant {self.name!r}, {command or 'start'}: {reply['error']}")
-        return reply
-
-    def close(self) -> None:
-        """End the worker (closing its stdin tells it to exit) and close the pipes."""
-        try:
-            self.process.stdin.close()
-        except OSError:  # the worker is gone already
-            pass
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process.stdout.close()
-
-
-# What `dualmode bench` lacks to run under torchrun, said instead of running one process per rank unasked.
-UNDER_TORCHRUN = (
-    "dualmode bench: error: it runs under torchrun (WORLD_SIZE={world}) but does not support it yet: each variant "
-    "runs in a worker process of its own, and those workers would need to join one process group per variant "
-    "across the ranks. For data-parallel throughput, run benchmarks/distributed.py under torchrun (see "
-    "docs/distributed.md), or `torchrun --nproc_per_node N -m dualmode tutorial`, which prints samples/s.")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the benchmark; print the table to stdout (progress to stderr); write --json and --plot."""
-    if "WORLD_SIZE" in os.environ:
-        print(UNDER_TORCHRUN.format(world=os.environ["WORLD_SIZE"]), file=sys.stderr)
+    """Run the benchmark; print the table to stdout (progress to stderr); write --json and --plot.
+
+    Under torchrun every rank runs every variant on its slice of the global batch; rank 0 alone prints and writes.
+    """
+    launch = Launch.from_env()
+    try:
+        return _run(args, launch)
+    finally:
+        launch.close()
+
+
+def _run(args: argparse.Namespace, launch: Launch) -> int:
+    try:
+        launch.shard_size(args.batch_size)
+    except ValueError as error:
+        if launch.main:
+            print(f"dualmode bench: error: {error}", file=sys.stderr)
         return 2
     settings = BenchSettings(model=args.model, hidden=args.hidden, batch_size=args.batch_size, seed=args.seed,
-                             backend=args.backend, compile_mode=args.compile_mode)
+                             backend=args.backend, compile_mode=args.compile_mode, distributed=launch.distributed,
+                             world_size=launch.world, rank=launch.rank)
     torch.set_num_threads(args.threads)
     machine = machine_info()
-    _progress(f"{args.model}, batch {args.batch_size}, variants {' '.join(args.modes)}; "
+    ranks = Ranks(launch)
+    _progress(f"{args.model}, batch {args.batch_size}{_per_rank(settings)}, variants {' '.join(args.modes)}; "
               f"load average {machine['load_average_before'][0]:.2f} on {machine['usable_cores']} cores")
     cache_root = tempfile.mkdtemp(prefix="dualmode-bench-cache-") if args.cold_cache else None
     workers, results = {}, {name: {"summary": VARIANTS[name].summary} for name in args.modes}
@@ -145,23 +111,33 @@ def run(args: argparse.Namespace) -> int:
         for name in args.modes:
             workers[name] = Worker(name, settings, args.threads,
                                    None if cache_root is None else os.path.join(cache_root, name))
+        ranks.share_pids(workers)
         for name in list(workers):
             _call(workers, results, name, None)
-        for name in list(workers):
-            _first_call(workers, results, name)
-        times, machine["foreign_load_timed_rounds"] = _rounds(workers, results, args.warmup, args.steps,
-                                                              args.pause_ms / 1000, args.burst)
+        ranks.agree(workers, results)
+        for name in args.modes:
+            if name in workers:  # not dropped on another rank meanwhile
+                _first_call(workers, results, name, ranks)
+                ranks.agree(workers, results)
+        times, machine["foreign_load_timed_rounds"] = _rounds(workers, results, args, ranks)
         for name in list(workers):
             reply = _call(workers, results, name, "finish")
             if reply:
                 results[name].update(reply)
                 results[name].update(bench_report.summarize(times[name], args.batch_size))
                 results[name]["cache_state"] = bench_report.cache_state(reply["cache"])
+        ranks.agree(workers, results)
+        for name in ranks.compare_checksums(results):
+            _progress(f"WARNING: {name}: the parameters differ between the ranks after the steps (checksums "
+                      f"{results[name]['rank_checksums']}); DistributedDataParallel should leave them equal")
     finally:
         for worker in workers.values():
             worker.close()
         if cache_root is not None:
             shutil.rmtree(cache_root, ignore_errors=True)
+    failed = any("error" in v for v in results.values())
+    if not launch.main:
+        return 1 if failed else 0
     result = _assemble(args, settings, machine, results)
     print(bench_report.format_table(result))
     if args.json:
@@ -171,7 +147,13 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         bench_report.write_plot(result, args.plot)
         _progress(f"wrote {args.plot}")
-    return 1 if any("error" in v for v in results.values()) else 0
+    return 1 if failed else 0
+
+
+def _per_rank(settings: BenchSettings) -> str:
+    if not settings.distributed:
+        return ""
+    return f" ({settings.batch_size // settings.world_size} per rank on {settings.world_size} ranks)"
 
 
 def _call(workers: dict, results: dict, name: str, command: str | None) -> dict | None:
@@ -185,10 +167,10 @@ def _call(workers: dict, results: dict, name: str, command: str | None) -> dict 
         return None
 
 
-def _first_call(workers: dict, results: dict, name: str) -> None:
+def _first_call(workers: dict, results: dict, name: str, ranks: Ranks) -> None:
     """Build the variant and make its first call (which compiles), alone on the machine as far as we go."""
     _progress(f"{name}: first call (build{', trace and compile' if VARIANTS[name].compiles else ''}) ...")
-    load = ForeignLoad([workers[name].process.pid])
+    load = ForeignLoad(ranks.pids([name]))
     load.start()
     reply = _call(workers, results, name, "setup")
     if reply:
@@ -197,29 +179,32 @@ def _first_call(workers: dict, results: dict, name: str) -> None:
         _progress(f"{name}: first call {reply['first_call_s']:.2f} s (foreign load {reply['foreign_load']})")
 
 
-def _rounds(workers: dict, results: dict, warmup: int, steps: int, pause_s: float,
-            burst: int) -> tuple[dict, float | None]:
+def _rounds(workers: dict, results: dict, args: argparse.Namespace, ranks: Ranks) -> tuple[dict, float | None]:
     """Warm-up rounds, a memory mark, then timed rounds: `burst` steps per variant per round, rotating the start.
 
     With burst > 1, each variant's turn starts with one untimed step, which absorbs the wake-up after its pause.
+    Under torchrun the ranks agree on the failed variants after each round (every rank runs the same rounds).
 
     Returns the step times of each variant and the foreign load over the timed rounds.
     """
+    warmup, burst = args.warmup, args.burst
     times: dict[str, list[float]] = {name: [] for name in workers}
-    load = ForeignLoad([w.process.pid for w in workers.values()])
-    rounds = -(-steps // burst)
+    load = ForeignLoad(ranks.pids(workers))
+    rounds = -(-args.steps // burst)
     for r in range(warmup + rounds):
         if r == warmup:
             for name in list(workers):
                 _call(workers, results, name, "mark")
+            ranks.agree(workers, results)
             load.start()
         names = list(workers)
         order = names[r % len(names):] + names[:r % len(names)] if names else []
         for name in order:
-            time.sleep(pause_s)
+            time.sleep(args.pause_ms / 1000)
             reply = _call(workers, results, name, f"step {burst} {1 if burst > 1 else 0}")
             if reply and r >= warmup:
                 times[name] += reply["s"]
+        ranks.agree(workers, results)
         if r < warmup:
             _progress(f"warm-up round {r + 1}/{warmup}")
         else:
@@ -239,7 +224,8 @@ def _assemble(args: argparse.Namespace, settings: BenchSettings, machine: dict, 
         "schema": "dualmode-bench/1",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command_line(args),
-        "settings": {**vars(settings), "steps": args.steps, "warmup": args.warmup, "modes": list(args.modes),
+        "settings": {**vars(settings), "per_rank_batch": settings.batch_size // settings.world_size,
+                     "steps": args.steps, "warmup": args.warmup, "modes": list(args.modes),
                      "threads": args.threads, "pause_ms": args.pause_ms, "burst": args.burst,
                      "inductor_cache": "cold (empty per variant)" if args.cold_cache
                      else "shared (whatever the user's cache holds; see each variant's cache_state)"},
@@ -250,6 +236,10 @@ def _assemble(args: argparse.Namespace, settings: BenchSettings, machine: dict, 
                       "in its worker process, perf_counter around the call",
             "foreign_load": "share of the machine's cores busy with processes other than this benchmark's "
                             "(from /proc/stat), over the timed rounds (machine) and over each first call",
+            "ranks": "under torchrun (distributed): every rank runs every variant on its slice of the global batch "
+                     "(per_rank_batch), its model in DistributedDataParallel over the variant's own process group; "
+                     "times and memory are rank 0's, samples_per_s is the global batch over rank 0's median step; "
+                     "ranks_agree: every rank's parameter checksum after the steps is the same",
             "first_call_s": "the first call of the step after building it: tracing, compiling and one step",
             "memory": "resident set size (Linux VmHWM) of the variant's own process, minus its RSS after the imports "
                       "(torch, torch._inductor) and a tiny warm-up backward, before the model was built; "
@@ -265,8 +255,10 @@ def _assemble(args: argparse.Namespace, settings: BenchSettings, machine: dict, 
 
 def command_line(args: argparse.Namespace) -> str:
     """The `dualmode bench` command that repeats this run (threads and seed only when not the default)."""
-    parts = ["dualmode bench", f"--model {args.model}", f"--batch-size {args.batch_size}", f"--steps {args.steps}",
-             f"--warmup {args.warmup}", f"--backend {args.backend}"]
+    local = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE"))
+    torchrun = f"torchrun --nproc_per_node {local} -m " if "WORLD_SIZE" in os.environ else ""
+    parts = [torchrun + "dualmode bench", f"--model {args.model}", f"--batch-size {args.batch_size}",
+             f"--steps {args.steps}", f"--warmup {args.warmup}", f"--backend {args.backend}"]
     if args.modes != list(DEFAULT_VARIANTS):
         parts.append("--modes " + " ".join(args.modes))
     if args.compile_mode:

@@ -90,7 +90,9 @@ def targets(model: str, variants: dict) -> list[dict]:
 def format_table(result: dict) -> str:
     """The variants as a text table, then the targets."""
     settings = result["settings"]
-    lines = [f"{settings['model']}, batch {settings['batch_size']}, {settings['steps']} timed steps, "
+    ranks = (f" ({settings['per_rank_batch']} per rank on {settings['world_size']} ranks)"
+             if settings.get("distributed") else "")
+    lines = [f"{settings['model']}, batch {settings['batch_size']}{ranks}, {settings['steps']} timed steps, "
              f"torch {result['machine']['torch']}, {result['machine']['usable_cores']} cores, "
              f"load average {result['machine']['load_average_before'][0]:.2f} -> "
              f"{result['machine']['load_average_after'][0]:.2f}, foreign load over the timed rounds "
@@ -106,6 +108,9 @@ def format_table(result: dict) -> str:
         lines.append(f"{name:18} {v['median_ms']:10.1f} {v['p10_ms']:8.1f}-{v['p90_ms']:<8.1f} "
                      f"{v['samples_per_s']:10.1f} {speedup:>9} {v['first_call_s']:13.2f} {v['compiles']:9d} "
                      f"{v['cache_state']:>6} {'-' if peak is None else f'{peak:.0f}':>9}")
+    for name, v in result["variants"].items():
+        if v.get("ranks_agree") is False:
+            lines.append(f"  WARNING: {name}: the parameters differ between the ranks after the steps")
     for t in result["targets"]:
         lines.append(f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['value']}"
                      + (f" ({t['note']})" if t["note"] else ""))

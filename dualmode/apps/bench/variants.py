@@ -4,7 +4,8 @@ Every variant starts from the same seeded model and the same random batch, and (
 momentum 0.9 over the same three parameter groups with distinct `lr_scale`: the classifier 10x, the other
 biases 2x, the rest 1x. The two dualmode variants run one `BenchStep` (a `TrainGraph` subclass) in each mode;
 the others are the reference points written with PyTorch alone, where the lr of each group is set to
-lr x lr_scale by hand, as torch.optim knows nothing of `lr_scale`.
+lr x lr_scale by hand, as torch.optim knows nothing of `lr_scale`. Under torchrun each variant's model is in
+DistributedDataParallel (`distribute`) and each rank trains on its slice of the global batch.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class BenchSettings:
     seed: int = 0
     backend: str = "inductor"
     compile_mode: str | None = None
+    # Under torchrun: this process's rank among `world_size`; batch_size stays the global batch.
+    distributed: bool = False
+    world_size: int = 1
+    rank: int = 0
 
     @property
     def compile_options(self) -> dict:
@@ -61,12 +66,30 @@ def make_model(settings: BenchSettings) -> nn.Module:
     raise ValueError(f"unknown model {settings.model!r}; choose one of {', '.join(MODELS)}")
 
 
+def distribute(module: nn.Module, settings: BenchSettings) -> nn.Module:
+    """Under torchrun, `module` in DistributedDataParallel over the worker's process group; else itself."""
+    return nn.parallel.DistributedDataParallel(module) if settings.distributed else module
+
+
+def _compiled(model: nn.Module, settings: BenchSettings) -> nn.Module:
+    """torch.compile(model), inside DistributedDataParallel under torchrun.
+
+    Not torch.compile(DDP(model)): in torch 2.13 dynamo breaks the graph in DDP's forward (its Logger, the skipped
+    `_inside_ddp_forward`) and compiled nothing of the mlp (45 frames, no AOTAutograd graph), so that variant would
+    be eager. Inside DDP the forward and backward are one compiled graph, and DDP's reducer all-reduces the
+    gradients as they land after the compiled backward.
+    """
+    return distribute(torch.compile(model, **_torch_compile_kwargs(settings)), settings)
+
+
 def make_batch(settings: BenchSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed random batch of 32x32x3 images and labels of 10 classes."""
+    """A fixed random batch of 32x32x3 images and labels of 10 classes: this rank's slice of the global batch."""
     generator = torch.Generator().manual_seed(settings.seed + 1)
     x = torch.randn(settings.batch_size, 3, 32, 32, generator=generator)
     y = torch.randint(0, NUM_CLASSES, (settings.batch_size,), generator=generator)
-    return x, y
+    shard = settings.batch_size // settings.world_size
+    mine = slice(settings.rank * shard, (settings.rank + 1) * shard)
+    return x[mine], y[mine]
 
 
 def make_groups(model: nn.Module) -> list[dict]:
@@ -97,7 +120,7 @@ class BenchStep(dm.TrainGraph):
 
 def _dualmode_step(mode: str, recompute: bool = True) -> Callable[[BenchSettings], Callable]:
     def make(settings: BenchSettings) -> Callable:
-        model = make_model(settings)
+        model = distribute(make_model(settings), settings)
         config = dm.StepConfig(compile_options=settings.compile_options, recompute_activations=recompute)
         return BenchStep(model, make_sgd(make_groups(model)), mode=mode, config=config)
 
@@ -107,7 +130,7 @@ def _dualmode_step(mode: str, recompute: bool = True) -> Callable[[BenchSettings
 def _torch_step(compiled: bool, update: bool) -> Callable[[BenchSettings], Callable]:
     def make(settings: BenchSettings) -> Callable:
         model = make_model(settings)
-        forward = torch.compile(model, **_torch_compile_kwargs(settings)) if compiled else model
+        forward = _compiled(model, settings) if compiled else distribute(model, settings)
         groups = make_groups(model)
         for group in groups:
             group["lr"] = LR * group["lr_scale"]
@@ -121,6 +144,7 @@ def _torch_step(compiled: bool, update: bool) -> Callable[[BenchSettings], Calla
             model.zero_grad(set_to_none=True)
             return loss.detach()
 
+        step.model = forward  # what the worker's checksum reads, as it reads a TrainGraph's model
         return step
 
     return make
@@ -136,7 +160,7 @@ def _floor_step(settings: BenchSettings) -> Callable:
     handles at a cost of about 10x the step.)
     """
     model = make_model(settings)
-    forward = torch.compile(model, **_torch_compile_kwargs(settings))
+    forward = _compiled(model, settings)
     groups = make_groups(model)
     params = [p for g in groups for p in g["params"]]
     lrs = [LR * g["lr_scale"] for g in groups for _ in g["params"]]
@@ -156,6 +180,7 @@ def _floor_step(settings: BenchSettings) -> Callable:
         model.zero_grad(set_to_none=True)
         return loss.detach()
 
+    step.model = forward
     return step
 
 

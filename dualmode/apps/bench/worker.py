@@ -5,6 +5,9 @@ Each variant gets its own process so that its memory is its own: the peak reside
 sends one command per line on stdin and reads one JSON reply per line; the reply channel is a copy of the
 original stdout, and stdout itself is pointed at stderr, so nothing torch prints can corrupt the replies.
 
+Under torchrun the workers of one variant, one per rank, form a process group of their own (ranks.py) at
+"setup", so that the variant's DistributedDataParallel reduces over them alone.
+
 Commands: "setup" (build the step and make the first call, which compiles), "step N U" (U untimed calls, then
 N timed calls back to back), "mark"
 (end of warm-up: note the peak so far and reset it), "finish" (report compiles, caches and memory; exit).
@@ -58,6 +61,16 @@ def _proc_status() -> dict[str, int] | None:
     return {k: int(v) for k, v in found.items()}
 
 
+def checksum(model) -> dict:
+    """Sums over all parameters in float64: equal on every rank after DDP, and across variants that train alike."""
+    import torch
+
+    import dualmode as dm
+
+    flat = torch.cat([p.detach().double().flatten() for p in dm.bare_model(model).parameters()])
+    return {"sum": float(flat.sum()), "sum_abs": float(flat.abs().sum()), "sum_sq": float(flat.square().sum())}
+
+
 class VariantProcess:
     """The state of one variant inside its worker: the step, its batch, timings and memory marks."""
 
@@ -80,8 +93,12 @@ class VariantProcess:
         self.steps_since_mark = 0
 
     def setup(self) -> dict:
+        from dualmode.apps.bench.ranks import join_variant_group
         from dualmode.apps.bench.variants import make_batch
 
+        joined = time.perf_counter()
+        if self.settings.distributed:
+            join_variant_group(self.variant.name)
         start = time.perf_counter()
         self.step = self.variant.make(self.settings)
         self.batch = make_batch(self.settings)
@@ -90,6 +107,8 @@ class VariantProcess:
         done = time.perf_counter()
         self.compiles_after_first_call = self._compiles()
         reply = {"build_s": built - start, "first_call_s": done - built}
+        if self.settings.distributed:
+            reply["join_s"] = start - joined
         explain = getattr(self.step, "explain", None)
         if explain is not None and self.step.mode == "graph" and self.step.compile_count:
             reply["trace_s"] = explain().compiles[0].trace_s
@@ -132,6 +151,7 @@ class VariantProcess:
                 "aot_autograd_hit": counters["aot_autograd"]["autograd_cache_hit"],
                 "aot_autograd_miss": counters["aot_autograd"]["autograd_cache_miss"],
             },
+            "checksum": checksum(self.step.model),
             "memory": {
                 "baseline_mb": self.baseline_mb,
                 "peak_through_warmup_mb": self.peak_warmup_mb if self.peak_warmup_mb is not None else peak_now,
@@ -190,6 +210,10 @@ def main(argv: list[str]) -> int:
             reply({"error": f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"})
         if command == "finish":
             break
+    if process.settings.distributed:
+        from dualmode.apps.bench.ranks import leave_variant_group
+
+        leave_variant_group()
     return 0
 
 
