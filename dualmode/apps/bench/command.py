@@ -249,7 +249,7 @@ def _assemble(args: argparse.Namespace, settings: BenchSettings, machine: dict, 
                            "FX graph / AOTAutograd caches, none = nothing compiled with inductor",
         },
         "variants": results,
-        "targets": bench_report.targets(settings.model, results),
+        "targets": bench_report.targets(settings.model, results, settings.batch_size),
     }
 
 
