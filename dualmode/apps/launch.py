@@ -47,6 +47,12 @@ class Launch:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
+    def __enter__(self) -> Launch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # leaves the process group however the command ended
+
     def wrap(self, model: nn.Module) -> nn.Module:
         """The model in DistributedDataParallel under torchrun (which broadcasts rank 0's weights), else itself."""
         return nn.parallel.DistributedDataParallel(model) if self.distributed else model

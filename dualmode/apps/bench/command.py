@@ -83,11 +83,8 @@ def run(args: argparse.Namespace) -> int:
 
     Under torchrun every rank runs every variant on its slice of the global batch; rank 0 alone prints and writes.
     """
-    launch = Launch.from_env()
-    try:
+    with Launch.from_env() as launch:
         return _run(args, launch)
-    finally:
-        launch.close()
 
 
 def _run(args: argparse.Namespace, launch: Launch) -> int:

@@ -149,11 +149,8 @@ def run(args: argparse.Namespace) -> int:
 
     Under torchrun every rank trains its shard of each global batch; rank 0 alone prints, evaluates and plots.
     """
-    launch = Launch.from_env()
-    try:
+    with Launch.from_env() as launch:
         return _run(args, launch)
-    finally:
-        launch.close()
 
 
 def _run(args: argparse.Namespace, launch: Launch) -> int:
