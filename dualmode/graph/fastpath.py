@@ -20,7 +20,7 @@ from dualmode.graph.inputs import StepCall
 
 _LAYOUT = (attrgetter("shape"), methodcaller("stride"), attrgetter("dtype"), attrgetter("device"),
            attrgetter("requires_grad"))
-_SHAPE, _STRIDE, _DTYPE, _DEVICE, _REQUIRES_GRAD = _LAYOUT
+_GRAD_FN = attrgetter("grad_fn")
 
 
 def _layouts(tensors: list) -> tuple:
@@ -62,8 +62,9 @@ class LastCall:
         # Each module's dicts of children, parameters and buffers, with what they held (empty ones cost nothing).
         self.dicts = [(d, tuple(d.values())) for m in self.tree for d in (m._modules, m._parameters, m._buffers)]
         self.tensors = call.tensors.tensors
-        self.layouts = _layouts(self.tensors)
-        self.args = _layouts(call.leaves) + (list(map(attrgetter("grad_fn"), call.leaves)),) if self.plain else None
+        # Parameters, buffers and arguments in one pass; and whether each argument came out of autograd.
+        self.layouts = _layouts([*self.tensors, *call.leaves]) if self.plain else None
+        self.grad_fns = list(map(_GRAD_FN, call.leaves)) if self.plain else None
         self.config = _config_values(call.step.config)
         self.optimizer = call.optimizer
         self.groups = None
@@ -76,18 +77,15 @@ class LastCall:
         """This call as a StepCall that reuses the last one's walk, or None if anything differs from it."""
         if not (self.plain and _plain(args, kwargs)):
             return None  # the full path keys on constants and structure
-        if not _same([m for _, m in step.modules], [m for _, m in self.roots]) or \
-                [n for n, _ in step.modules] != [n for n, _ in self.roots]:
+        if step.modules != self.roots:  # (name, module) pairs: names by value, modules by identity
             return None
         if [m.training for m in self.tree] != self.training:
             return None
         for d, held in self.dicts:
             if (d or held) and not _same(d.values(), held):
                 return None
-        if _layouts(self.tensors) != self.layouts:
-            return None
         leaves = list(args)
-        if _layouts(leaves) + (list(map(attrgetter("grad_fn"), leaves)),) != self.args:
+        if _layouts([*self.tensors, *leaves]) != self.layouts or list(map(_GRAD_FN, leaves)) != self.grad_fns:
             return None
         if _config_values(step.config) != self.config or step.optimizer is not self.optimizer:
             return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 from operator import attrgetter
 
 import torch
+from torch.nn.modules import module as torch_module
 
 from dualmode.graph.guards import _MISSING, _Reads, _shown
 from dualmode.graph.report import TraceError
@@ -61,6 +62,7 @@ def _restore(before: list[tuple[object, dict]]) -> None:
 
 
 _TENSOR_HOOKS = attrgetter("_backward_hooks")
+_GLOBAL_HOOKS = [(kind, f"_global_{kind}_hooks") for kind in ("forward", "forward_pre", "backward", "backward_pre")]
 _ACCUMULATE_HOOKS = attrgetter("_post_accumulate_grad_hooks")
 
 
@@ -74,10 +76,8 @@ def check_hooks(names: list[str], tensors: list[torch.Tensor], is_param: list[bo
                     f"graph mode: parameter {name} has a {kind}, which a traced step cannot run at each call as "
                     "eager mode does: remove the hook (clip or scale gradients with config.clip_grad_max_norm or "
                     "in build()) or run the step with mode='eager'")
-    from torch.nn.modules import module as torch_module
-
-    for kind in ("forward", "forward_pre", "backward", "backward_pre"):
-        if getattr(torch_module, f"_global_{kind}_hooks"):
+    for kind, name in _GLOBAL_HOOKS:
+        if getattr(torch_module, name):
             raise TypeError(
                 f"graph mode: a global module {kind.replace('_', ' ')} hook is registered "
                 f"(torch.nn.modules.module.register_module_{kind}_hook); it would run on the compiled step itself "

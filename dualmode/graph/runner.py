@@ -184,7 +184,8 @@ class GraphRunner:
         """build()'s outputs; hands input gradients back, and refuses a call whose check_finite flags failed."""
         tracer = compiled.tracer
         n, grads = tracer.user_outputs, tracer.input_grads
-        out = tree_unflatten(outs[:n] + tracer.out_consts, tracer.out_spec)
+        out = outs[0] if tracer.out_spec.is_leaf() and n == 1 else tree_unflatten(outs[:n] + tracer.out_consts,
+                                                                                 tracer.out_spec)
         if tracer.finite_names is not None and not bool(outs[-1].all()):
             call.undo_created()
             named = finite.culprits(outs[-1], loss_of(out), tracer.finite_names)

@@ -45,6 +45,8 @@ def check_hyper(hyper, where, *, has_params):
 
 
 def check_positive(value, what):
+    if type(value) is float and 0 < value < math.inf:  # the usual case, without the numbers.Real ABC check
+        return
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{what} must be a finite positive number, got {value!r}")
 

@@ -22,4 +22,6 @@ def loss_of(out):
 
 def detached(out):
     """build()'s outputs with every tensor detached from autograd."""
+    if type(out) is torch.Tensor:  # the usual case, without pytree's walk
+        return out.detach()
     return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)

@@ -27,6 +27,8 @@ def lr_scale(group: dict, index: int) -> float:
 def base_lr(group: dict, index: int) -> float:
     """The group's lr as a float; ValueError naming the group unless it is a finite number >= 0."""
     lr = group["lr"]
+    if type(lr) is float and 0 <= lr < math.inf:  # the usual case, checked at every call
+        return lr
     value = float(lr) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
         raise ValueError(f"param group {index}: lr must be a finite number >= 0, got {lr!r}")
