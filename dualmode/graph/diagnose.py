@@ -13,6 +13,7 @@ import traceback
 import torch
 
 from dualmode.graph.report import TraceError
+from dualmode.graph.slots import GradSlot, StateSlot
 
 _INTERNAL = ("torch", "dualmode", "functorch", "sympy")
 _DATA_DEPENDENT = ("DataDependent", "GuardOnDataDependentSymNode", "DynamicOutputShape")
@@ -102,11 +103,8 @@ def layout_error(call, compiled, position: int, tensor) -> RuntimeError:
 
 
 def _slot_name(call, slot) -> str:
-    tensor = getattr(slot, "tensor", None)
-    owner = call.tensors.names[tensor] if tensor is not None else None
-    key = getattr(slot, "key", None)
-    if key is not None:
-        return f"the optimizer state {key!r} of {owner}"
-    if owner is not None:
-        return f"the gradient of {owner}" if type(slot).__name__ == "GradSlot" else f"the input of {owner}"
+    if isinstance(slot, StateSlot):
+        return f"the optimizer state {slot.key!r} of {call.tensors.names[slot.tensor]}"
+    if isinstance(slot, GradSlot):
+        return f"the gradient of {call.tensors.names[slot.tensor]}"
     return f"input {slot}"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from dualmode.graph.inputs import StepCall, _scalar
-from dualmode.graph.slots import ArgSlot, HasBufferSlot, HyperSlot, StateSlot, TensorSlot
+from dualmode.graph.slots import ArgSlot, GradSlot, HasBufferSlot, HyperSlot, StateSlot, TensorSlot
 
 PARAM, BUFFER, ARG, HYPER, STATE, HAS_BUFFER, OTHER = range(7)
 
@@ -43,7 +43,7 @@ class FetchPlan:
         self._filled: list = [None] * len(slots)  # per scalar slot: (tensor, value, version) as last filled here
         # Optimizer state and gradients: the cache key does not cover their layout (a user may replace them),
         # and the compiled code assumes the traced one, so it is compared at every call (a few hundred ns each).
-        self.checked = [i for i, slot in enumerate(slots) if type(slot) not in (TensorSlot, ArgSlot, HyperSlot)]
+        self.checked = [i for i, slot in enumerate(slots) if type(slot) in (StateSlot, GradSlot)]
         self._layouts = None
 
     def traced_layouts(self, examples: list) -> None:
