@@ -16,7 +16,7 @@ from operator import attrgetter, is_, methodcaller
 
 import torch
 
-from dualmode.graph.inputs import StepCall
+from dualmode.graph.inputs import StepCall, config_values, group_settings
 
 _LAYOUT = (attrgetter("shape"), methodcaller("stride"), attrgetter("dtype"), attrgetter("device"),
            attrgetter("requires_grad"))
@@ -39,15 +39,8 @@ def _same(a, b) -> bool:
 
 
 def _config_values(config) -> tuple:
-    return (config.autocast_dtype, config.clip_grad_max_norm, config.clip_grad_norm_type, config.check_finite,
-            config.recompute_activations, config.dynamic_batch, dict(config.compile_options))
-
-
-def _group_values(plan, group: dict) -> tuple:
-    hyper = plan.hyper_values(group)
-    kinds = tuple(v.dtype if isinstance(v, torch.Tensor) else float for v in hyper.values())
-    return (plan.flags(group), float(group.get("lr_scale", 1.0)),
-            (group.get("clip_grad_max_norm"), group.get("clip_grad_norm_type", 2.0)), kinds), hyper
+    values = config_values(config)
+    return values[:-1] + (dict(values[-1]),)  # a copy of compile_options: the dict may be changed in place
 
 
 class LastCall:
@@ -71,7 +64,7 @@ class LastCall:
         if call.optimizer is not None:
             groups = call.optimizer.param_groups
             self.group_params = [list(g["params"]) for g in groups]
-            self.groups = [_group_values(call.plan, g)[0] for g in groups]
+            self.groups = [group_settings(call.plan, g)[0] for g in groups]
 
     def reuse(self, step, phase: str, args: tuple, kwargs: dict) -> StepCall | None:
         """This call as a StepCall that reuses the last one's walk, or None if anything differs from it."""
@@ -96,7 +89,7 @@ class LastCall:
                 return None
             plan = self.call.plan
             for gi, (group, params, values) in enumerate(zip(groups, self.group_params, self.groups)):
-                now, hyper[gi] = _group_values(plan, group)
+                now, hyper[gi] = group_settings(plan, group)
                 if now != values or not _same(group["params"], params):
                     return None
         return self.call.again(step, phase, leaves, hyper)

@@ -129,19 +129,15 @@ class StepCall:
             "inputs": (self._spec_text, tuple(input_signature(v) for v in self.leaves)),
             "tensors": self.tensors.signature(),
             "training": tuple(m.training for module in self.tensors.modules for m in module.modules()),
-            "config": (config.autocast_dtype, config.clip_grad_max_norm, config.clip_grad_norm_type,
-                       config.check_finite, config.recompute_activations, config.dynamic_batch,
-                       repr(sorted(config.compile_options.items()))),
+            "config": config_values(config)[:-1] + (repr(sorted(config.compile_options.items())),),
         }
         if self.optimizer is not None:
             index = self.tensors.index
-            parts["groups"] = tuple(
-                GroupSignature(tuple(index[id(p)] for p in g["params"]), self.plan.flags(g),
-                               (g.get("clip_grad_max_norm"), g.get("clip_grad_norm_type", 2.0)))
-                for g in self.groups)
-            parts["lr_scale"] = tuple(float(g.get("lr_scale", 1.0)) for g in self.groups)
-            parts["hyper_dtypes"] = tuple(tuple(_dtype_of(v) for v in self.plan.hyper_values(g).values())
-                                          for g in self.groups)
+            settings = [group_settings(self.plan, g)[0] for g in self.groups]
+            parts["groups"] = tuple(GroupSignature(tuple(index[id(p)] for p in g["params"]), flags, clip)
+                                    for g, (flags, _, clip, _) in zip(self.groups, settings))
+            parts["lr_scale"] = tuple(scale for _, scale, _, _ in settings)
+            parts["hyper_dtypes"] = tuple(dtypes for _, _, _, dtypes in settings)
         return parts
 
     def slots(self) -> list[Slot]:
@@ -222,6 +218,22 @@ class StepCall:
         if gi not in self._hyper_cache:
             self._hyper_cache[gi] = self.plan.hyper_values(self.groups[gi])
         return self._hyper_cache[gi]
+
+
+def config_values(config) -> tuple:
+    """The config fields a compiled step depends on; the last one, compile_options, is the dict itself."""
+    return (config.autocast_dtype, config.clip_grad_max_norm, config.clip_grad_norm_type, config.check_finite,
+            config.recompute_activations, config.dynamic_batch, config.compile_options)
+
+
+def group_settings(plan, group: dict) -> tuple[tuple, dict]:
+    """What a compiled step bakes in of one param group (switches, lr_scale, clip setting, hyperparameter
+    dtypes), and the group's current hyperparameter values."""
+    hyper = plan.hyper_values(group)
+    baked = (plan.flags(group), float(group.get("lr_scale", 1.0)),
+             (group.get("clip_grad_max_norm"), group.get("clip_grad_norm_type", 2.0)),
+             tuple(_dtype_of(v) for v in hyper.values()))
+    return baked, hyper
 
 
 def _dtype_of(value) -> torch.dtype:
