@@ -43,7 +43,7 @@ def run_parts(step, x, y, calls: int) -> dict[str, float]:
     """Median ms of each part of GraphRunner.run, done the way run() does it, and of the whole call."""
     runner = step._graph
     phase = step._phase()
-    view = step._view()
+    view = step._view(step._modules_of_step())
     call = StepCall(view, phase, (x, y), {})
 
     def lookup():
@@ -92,7 +92,7 @@ def compare_direct_backend(step, x, y, calls: int) -> None:
     from torch._inductor.compile_fx import compile_fx
 
     runner = step._graph
-    call = StepCall(step._view(), step._phase(), (x, y), {})
+    call = StepCall(step._view(step._modules_of_step()), step._phase(), (x, y), {})
     compiled = runner._lookup(call.key_parts(), BatchDims(call.leaves, step.config.dynamic_batch))[2]
     inputs = compiled.fetch.inputs(call, runner._scalars)
     start = time.perf_counter()

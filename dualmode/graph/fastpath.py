@@ -12,20 +12,16 @@ What build() read from Python is not part of this: the variant's own guard check
 
 from __future__ import annotations
 
-from operator import attrgetter, is_, methodcaller
+from itertools import chain
+from operator import attrgetter, is_
 
 import torch
 
 from dualmode.graph.inputs import StepCall, config_values, group_settings
+from dualmode.graph.layouts import LayoutCheck
 
-_LAYOUT = (attrgetter("shape"), methodcaller("stride"), attrgetter("dtype"), attrgetter("device"),
-           attrgetter("requires_grad"))
 _GRAD_FN = attrgetter("grad_fn")
-
-
-def _layouts(tensors: list) -> tuple:
-    # Column by column (each a C-level map): a few hundred ns per tensor.
-    return tuple(list(map(get, tensors)) for get in _LAYOUT)
+_TRAINING = attrgetter("training")
 
 
 def _plain(args: tuple, kwargs: dict) -> bool:
@@ -43,6 +39,21 @@ def _config_values(config) -> tuple:
     return values[:-1] + (dict(values[-1]),)  # a copy of compile_options: the dict may be changed in place
 
 
+def _entries(group: dict) -> tuple[tuple, tuple]:
+    keys = tuple(k for k in group if k != "params")
+    return keys, tuple(map(group.__getitem__, keys))
+
+
+def _unchanged(group: dict, keys: tuple, held: tuple) -> bool:
+    """The group holds exactly these entries, the very same objects (identity: no value is compared)."""
+    if len(group) != len(keys) + 1:
+        return False
+    try:
+        return all(map(is_, map(group.__getitem__, keys), held))
+    except KeyError:  # an entry replaced by another of a new name
+        return False
+
+
 class LastCall:
     """What one successful call of a phase was made of, and the variant it ran."""
 
@@ -51,12 +62,15 @@ class LastCall:
         self.plain = _plain(args, kwargs)
         self.roots = list(call.modules)
         self.tree = list(dict.fromkeys(m for _, root in self.roots for m in root.modules()))
-        self.training = [m.training for m in self.tree]
-        # Each module's dicts of children, parameters and buffers, with what they held (empty ones cost nothing).
-        self.dicts = [(d, tuple(d.values())) for m in self.tree for d in (m._modules, m._parameters, m._buffers)]
+        self.training = list(map(_TRAINING, self.tree))
+        # Each module's dicts of children, parameters and buffers: their sizes, and what they held in one row.
+        self.dicts = [d for m in self.tree for d in (m._modules, m._parameters, m._buffers)]
+        self.sizes = list(map(len, self.dicts))
+        self.filled = [d for d in self.dicts if d]  # most are empty: their sizes say all
+        self.held = list(chain.from_iterable(map(dict.values, self.filled)))
         self.tensors = call.tensors.tensors
-        # Parameters, buffers and arguments in one pass; and whether each argument came out of autograd.
-        self.layouts = _layouts([*self.tensors, *call.leaves]) if self.plain else None
+        # Parameters, buffers and arguments in one check; and whether each argument came out of autograd.
+        self.layouts = LayoutCheck([*self.tensors, *call.leaves]) if self.plain else None
         self.grad_fns = list(map(_GRAD_FN, call.leaves)) if self.plain else None
         self.config = _config_values(call.step.config)
         self.optimizer = call.optimizer
@@ -64,7 +78,8 @@ class LastCall:
         if call.optimizer is not None:
             groups = call.optimizer.param_groups
             self.group_params = [list(g["params"]) for g in groups]
-            self.groups = [group_settings(call.plan, g)[0] for g in groups]
+            self.entries = list(map(_entries, groups))
+            self.groups, self.hypers = zip(*(group_settings(call.plan, g) for g in groups))
 
     def reuse(self, step, phase: str, args: tuple, kwargs: dict) -> StepCall | None:
         """This call as a StepCall that reuses the last one's walk, or None if anything differs from it."""
@@ -72,13 +87,13 @@ class LastCall:
             return None  # the full path keys on constants and structure
         if step.modules != self.roots:  # (name, module) pairs: names by value, modules by identity
             return None
-        if [m.training for m in self.tree] != self.training:
+        if list(map(_TRAINING, self.tree)) != self.training:
             return None
-        for d, held in self.dicts:
-            if (d or held) and not _same(d.values(), held):
-                return None
+        if list(map(len, self.dicts)) != self.sizes or not all(
+                map(is_, chain.from_iterable(map(dict.values, self.filled)), self.held)):
+            return None
         leaves = list(args)
-        if _layouts([*self.tensors, *leaves]) != self.layouts or list(map(_GRAD_FN, leaves)) != self.grad_fns:
+        if not self.layouts.same([*self.tensors, *leaves]) or list(map(_GRAD_FN, leaves)) != self.grad_fns:
             return None
         if _config_values(step.config) != self.config or step.optimizer is not self.optimizer:
             return None
@@ -87,9 +102,14 @@ class LastCall:
             groups = self.optimizer.param_groups
             if len(groups) != len(self.groups):
                 return None
-            plan = self.call.plan
-            for gi, (group, params, values) in enumerate(zip(groups, self.group_params, self.groups)):
-                now, hyper[gi] = group_settings(plan, group)
-                if now != values or not _same(group["params"], params):
+            for gi, group in enumerate(groups):
+                if not _same(group["params"], self.group_params[gi]):
+                    return None
+                keys, held = self.entries[gi]
+                if _unchanged(group, keys, held):  # the same objects under the same keys: nothing to recompute
+                    hyper[gi] = self.hypers[gi]
+                    continue
+                now, hyper[gi] = group_settings(self.call.plan, group)  # a scheduler's new lr, say
+                if now != self.groups[gi]:
                     return None
         return self.call.again(step, phase, leaves, hyper)

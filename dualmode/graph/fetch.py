@@ -15,9 +15,11 @@ from __future__ import annotations
 import torch
 
 from dualmode.graph.inputs import StepCall, _scalar
+from dualmode.graph.layouts import LayoutCheck
 from dualmode.graph.slots import ArgSlot, GradSlot, HasBufferSlot, HyperSlot, StateSlot, TensorSlot
 
 PARAM, BUFFER, ARG, HYPER, STATE, HAS_BUFFER, OTHER = range(7)
+_UNSEEN = object()
 
 
 class FetchPlan:
@@ -45,6 +47,7 @@ class FetchPlan:
         # and the compiled code assumes the traced one, so it is compared at every call (a few hundred ns each).
         self.checked = [i for i, slot in enumerate(slots) if type(slot) in (StateSlot, GradSlot)]
         self._layouts = None
+        self._check: LayoutCheck | None = None
 
     def traced_layouts(self, examples: list) -> None:
         """Note the (shape, strides, dtype) the trace saw for the checked slots."""
@@ -56,27 +59,37 @@ class FetchPlan:
 
     def misfit(self, inputs: list) -> int | None:
         """The position of the first checked input laid out otherwise than traced, or None."""
-        now = [(tuple(t.shape), t.stride(), t.dtype) for t in map(inputs.__getitem__, self.checked)]
-        if now == self._layouts:
+        checked = list(map(inputs.__getitem__, self.checked))
+        if self._check is not None and self._check.same(checked):
             return None
-        return next(i for i, a, b in zip(self.checked, now, self._layouts) if a != b)
+        now = [(tuple(t.shape), t.stride(), t.dtype) for t in checked]
+        if now != self._layouts:
+            return next(i for i, a, b in zip(self.checked, now, self._layouts) if a != b)
+        self._check = LayoutCheck(checked)  # as traced: from now on compared with these in one check
+        return None
 
     def inputs(self, call: StepCall, scalars: dict) -> list[torch.Tensor]:
         tensors, leaves = call.tensors.tensors, call.leaves
         state = call.optimizer.state if call.optimizer is not None else {}
+        held_of = {}  # tensor index -> its optimizer state: a dict keyed by tensors hashes in Python, so once
         out = []
         for i, step in enumerate(self._steps):
             kind = step[0]
             if kind == PARAM:
-                out.append(tensors[step[1]].detach())
+                out.append(tensors[step[1]])  # the parameter itself: the compiled step runs under no_grad
             elif kind == BUFFER:
                 out.append(tensors[step[1]])
             elif kind == ARG:
                 out.append(leaves[step[1]])
             elif kind == STATE:  # existing state as it is; missing state is created by call.fetch
-                held = state.get(tensors[step[1]])
+                held = held_of.get(step[1], _UNSEEN)
+                if held is _UNSEEN:
+                    held = held_of[step[1]] = state.get(tensors[step[1]])
                 t = held.get(step[2]) if held is not None else None
-                out.append(t if t is not None else call.fetch(step[3], scalars))
+                if t is None:
+                    t = call.fetch(step[3], scalars)
+                    held_of.pop(step[1])  # fetch created it
+                out.append(t)
             elif kind == HYPER:
                 value = call._hyper(step[1])[step[2]]
                 if isinstance(value, torch.Tensor):  # a tensor lr or betas: its own dtype, refilled at every call
@@ -84,7 +97,9 @@ class FetchPlan:
                 else:
                     out.append(self._scalar(i, step[3], value, torch.float64, scalars))
             elif kind == HAS_BUFFER:
-                held = state.get(tensors[step[1]])
+                held = held_of.get(step[1], _UNSEEN)
+                if held is _UNSEEN:
+                    held = held_of[step[1]] = state.get(tensors[step[1]])
                 has = held is not None and held.get(call.plan.lazy) is not None
                 out.append(self._scalar(i, step[3], has, torch.bool, scalars))
             else:

@@ -168,9 +168,15 @@ class Guard:
         self._refs = [w.ref for w in watches]
         self._dicts = [i for i, w in enumerate(watches) if w.kind == "items"]
         self._items = [tuple(watches[i].ref.items()) for i in self._dicts]
+        self._noted_sizes()
         self._pick_dicts = (lambda now: [now[self._dicts[0]]]) if len(self._dicts) == 1 else (
             itemgetter(*self._dicts) if self._dicts else (lambda now: ()))
         self._deep = [i for i, w in enumerate(watches) if w.kind == "deep"]
+
+    def _noted_sizes(self) -> None:
+        # Most watched dicts are empty hook dicts: their sizes say all; the items of the others are compared.
+        self._sizes = list(map(len, self._items))
+        self._full = [k for k, items in enumerate(self._items) if items]
 
     @classmethod
     def from_reads(cls, reads: _Reads, labels: dict[int, str], skip_on_owner: frozenset) -> Guard:
@@ -200,8 +206,11 @@ class Guard:
                     self._refs[i] = new  # an equal value in a new object: the same from now on
                     if i in self._dicts:
                         self._items[self._dicts.index(i)] = tuple(new.items())
-        items = list(map(tuple, map(dict.items, self._pick_dicts(now))))
-        if items != self._items:
+                        self._noted_sizes()
+        picked = self._pick_dicts(now)
+        if list(map(len, picked)) != self._sizes or any(tuple(picked[k].items()) != self._items[k]
+                                                        for k in self._full):
+            items = list(map(tuple, map(dict.items, picked)))
             i = next(i for i, a, b in zip(self._dicts, items, self._items) if a != b)
             return _describe(self.watches[i], now[i])
         for i in self._deep:

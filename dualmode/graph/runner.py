@@ -172,12 +172,15 @@ class GraphRunner:
         if misfit is not None:
             call.undo_created()
             raise diagnose.layout_error(call, compiled, misfit, inputs[misfit])
+        grad_was = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)  # torch.no_grad() as a context manager costs about 2 us per call
         try:
-            with torch.no_grad():
-                outs = compiled.fn(*inputs)
+            outs = compiled.fn(*inputs)
         except Exception:
             call.undo_created()
             raise
+        finally:
+            torch._C._set_grad_enabled(grad_was)
         return self._results(call, compiled, list(outs))
 
     def _results(self, call: StepCall, compiled: _Compiled, outs: list):

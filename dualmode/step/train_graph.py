@@ -103,10 +103,10 @@ class TrainGraph:
 
     def __call__(self, *args, **kwargs):
         """Run one step (or one micro-batch of it); return what build() returned, detached."""
-        self._check_ready()
+        modules = self._check_ready()
         phase = self._phase()
         if self._mode == "graph":
-            out = self._graph_runner().run(self._view(), phase, args, kwargs)  # check_finite runs in the graph
+            out = self._graph_runner().run(self._view(modules), phase, args, kwargs)  # check_finite: in the graph
             if phase in ("step", "apply"):
                 policy.mark_stepped(self.optimizer)
             if phase == "apply":
@@ -117,12 +117,15 @@ class TrainGraph:
                 out = self._eager(phase, args, kwargs)
         return self._finish(phase, out)
 
-    def _check_ready(self) -> None:
+    def _check_ready(self) -> list[tuple[str, nn.Module]]:
+        """The step's modules, once the config, the modules and the groups are checked."""
         self.config.validate()
-        if not self._modules_of_step():
+        modules = self._modules_of_step()
+        if not modules:
             raise ValueError(f"{type(self).__name__} has no nn.Module attribute: assign the model in __init__")
         if self.optimizer is not None:
             policy.check_groups(self.optimizer.param_groups)
+        return modules
 
     def _graph_runner(self):
         if self._graph is None:
@@ -131,9 +134,8 @@ class TrainGraph:
             self._graph = GraphRunner()
         return self._graph
 
-    def _view(self) -> StepView:
-        return StepView(type(self).__name__, self._modules_of_step(), self.optimizer, self.config, self._run_build,
-                        owner=self)
+    def _view(self, modules: list[tuple[str, nn.Module]]) -> StepView:
+        return StepView(type(self).__name__, modules, self.optimizer, self.config, self._run_build, owner=self)
 
     def _phase(self) -> str:
         """eval (no optimizer), step (update now), accumulate (add gradients only) or apply (add, then update)."""

@@ -74,8 +74,13 @@ def transpose_fc1_weight(step):
     p.data = torch.empty_strided(p.shape, (1, p.shape[0])).copy_(p.data)
 
 
+def hook_on_head(step):
+    # The head's hook dicts were empty: their sizes change (the guard compares the items of non-empty ones only).
+    step.model.head.register_forward_hook(lambda module, args, out: out * 0.5)
+
+
 CHANGES = [freeze_fc1, swap_head, eval_mode, change_lr_scale, switch_nesterov, new_clip,
-           transpose_fc1_weight]
+           transpose_fc1_weight, hook_on_head]
 
 
 @pytest.mark.parametrize("change", CHANGES, ids=lambda f: f.__name__)
@@ -164,3 +169,17 @@ def test_optimizer_state_replaced_in_another_layout_is_refused_naming_it_and_not
     state["momentum_buffer"] = state["momentum_buffer"].contiguous()  # as the message says: then it runs again
     step(x, y)
     assert step.compile_count == 1
+
+
+def test_a_hook_replaced_by_another_keeping_their_number_recompiles_and_matches_eager():
+    graph, eager = pair()
+    handles = [step.model.head.register_forward_hook(lambda module, args, out: out * 0.5) for step in (graph, eager)]
+    data = batches(5)
+    train(graph, eager, data[:3])
+    for step, handle in zip((graph, eager), handles):
+        handle.remove()
+        step.model.head.register_forward_hook(lambda module, args, out: out * 2.0)
+    with pytest.warns(dm.RecompileWarning, match="forward hooks"):
+        train(graph, eager, data[3:4])
+    train(graph, eager, data[4:])
+    assert graph.compile_count == 2
