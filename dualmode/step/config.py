@@ -67,8 +67,17 @@ class StepConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    def __setattr__(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+        if name != "_passed":
+            object.__setattr__(self, "_passed", None)  # changed since validate() last passed: check again
+
     def validate(self) -> None:
-        """Raise ValueError or TypeError naming the first bad field."""
+        """Raise ValueError or TypeError naming the first bad field. (Called at every step: a config whose fields
+        were not set, and whose compile_options are as they were, since it last passed is not checked again.)"""
+        passed = self.__dict__.get("_passed")
+        if passed is not None and passed == self.compile_options:
+            return
         if self.autocast_dtype is not None and not isinstance(self.autocast_dtype, torch.dtype):
             raise TypeError(f"config.autocast_dtype must be a torch.dtype or None, got {self.autocast_dtype!r}")
         k = self.grad_accumulation_steps
@@ -87,3 +96,4 @@ class StepConfig:
         r = self.max_recompiles
         if not isinstance(r, int) or isinstance(r, bool) or r < 0:
             raise ValueError(f"config.max_recompiles must be an int >= 0, got {r!r}")
+        object.__setattr__(self, "_passed", dict(self.compile_options))

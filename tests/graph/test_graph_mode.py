@@ -320,6 +320,20 @@ def test_bad_config_is_named():
         dm.StepConfig(compile_options={"backnd": "inductor"})
 
 
+@pytest.mark.parametrize("spoil", ["a field set", "compile_options changed in place"])
+def test_a_config_spoiled_after_calls_is_named_at_the_next_call(spoil):
+    # validate() skips a config unchanged since it passed: a set field or an in-place change is checked again.
+    step = make_step()
+    (x, y), = batches(1)
+    step(x, y)
+    if spoil == "a field set":
+        step.config.max_recompiles = -1
+    else:
+        step.config.compile_options["backnd"] = "inductor"
+    with pytest.raises(ValueError, match="max_recompiles must be|unknown keys \\['backnd'\\]"):
+        step(x, y)
+
+
 @pytest.mark.inductor
 def test_inductor_compiles_the_whole_step_and_matches_eager():
     results = {}
