@@ -18,20 +18,20 @@ from dualmode.graph.inputs import StepCall, _scalar
 from dualmode.graph.layouts import LayoutCheck
 from dualmode.graph.slots import ArgSlot, GradSlot, HasBufferSlot, HyperSlot, StateSlot, TensorSlot
 
-PARAM, BUFFER, ARG, HYPER, STATE, HAS_BUFFER, OTHER = range(7)
+TENSOR, ARG, HYPER, STATE, HAS_BUFFER, OTHER = range(6)
 _UNSEEN = object()
 
 
 class FetchPlan:
     """How to get each input of one compiled variant, in order."""
 
-    def __init__(self, slots: list, is_param: list[bool]):
+    def __init__(self, slots: list):
         self.slots = slots
         self._steps: list[tuple] = []
         for slot in slots:
             kind = type(slot)
-            if kind is TensorSlot:
-                self._steps.append((PARAM if is_param[slot.index] else BUFFER, slot.index))
+            if kind is TensorSlot:  # a parameter as it is: the compiled step runs under no_grad
+                self._steps.append((TENSOR, slot.index))
             elif kind is ArgSlot:
                 self._steps.append((ARG, slot.index))
             elif kind is HyperSlot:
@@ -42,6 +42,13 @@ class FetchPlan:
                 self._steps.append((HAS_BUFFER, slot.tensor, None, slot))
             else:
                 self._steps.append((OTHER, slot))
+        # The slots start with the parameters and buffers, then the arguments: those two runs in one C-level map each.
+        kinds = [step[0] for step in self._steps]
+        tensors_end = _run_end(kinds, 0, TENSOR)
+        args_end = _run_end(kinds, tensors_end, ARG)
+        self._tensor_run = [step[1] for step in self._steps[:tensors_end]]
+        self._arg_run = [step[1] for step in self._steps[tensors_end:args_end]]
+        self._rest = range(args_end, len(slots))
         self._filled: list = [None] * len(slots)  # per scalar slot: (tensor, value, version) as last filled here
         # Optimizer state and gradients: the cache key does not cover their layout (a user may replace them),
         # and the compiled code assumes the traced one, so it is compared at every call (a few hundred ns each).
@@ -72,12 +79,13 @@ class FetchPlan:
         tensors, leaves = call.tensors.tensors, call.leaves
         state = call.optimizer.state if call.optimizer is not None else {}
         held_of = {}  # tensor index -> its optimizer state: a dict keyed by tensors hashes in Python, so once
-        out = []
-        for i, step in enumerate(self._steps):
+        out = list(map(tensors.__getitem__, self._tensor_run))
+        out += map(leaves.__getitem__, self._arg_run)
+        steps = self._steps
+        for i in self._rest:
+            step = steps[i]
             kind = step[0]
-            if kind == PARAM:
-                out.append(tensors[step[1]])  # the parameter itself: the compiled step runs under no_grad
-            elif kind == BUFFER:
+            if kind == TENSOR:
                 out.append(tensors[step[1]])
             elif kind == ARG:
                 out.append(leaves[step[1]])
@@ -113,3 +121,11 @@ class FetchPlan:
         t = _scalar(scalars, slot, dtype).fill_(value)
         self._filled[i] = (t, value, t._version)
         return t
+
+
+def _run_end(kinds: list[int], start: int, kind: int) -> int:
+    """Where the run of `kind` starting at `start` ends."""
+    end = start
+    while end < len(kinds) and kinds[end] == kind:
+        end += 1
+    return end

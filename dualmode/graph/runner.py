@@ -275,7 +275,7 @@ class GraphRunner:
         if batch:
             record.batch = (f"fixed by build() (input {fixed[0]}'s first size is used as a number)" if fixed
                             else "symbolic (" + ", ".join(f"input {i}" for i in batch.labels) + ")")
-        fetch = FetchPlan([slots[i] for i in used], call.tensors.is_param)
+        fetch = FetchPlan([slots[i] for i in used])
         fetch.traced_layouts([examples[i] for i in used])
         return _Compiled(fn, gm, fetch.slots, tracer, guard, record, recompute, batch_guard, fetch)
 

@@ -20,6 +20,8 @@ from dualmode.groups.checks import check_positive
 def lr_scale(group: dict, index: int) -> float:
     """The group's lr_scale (1.0 if absent); ValueError naming the group unless it is a finite positive number."""
     scale = group.get("lr_scale", 1.0)
+    if type(scale) is float and 0 < scale < math.inf:  # the usual case, checked at every call
+        return scale
     check_positive(scale, f"param group {index}: lr_scale")
     return float(scale)
 
