@@ -95,7 +95,7 @@ class LastCall:
         leaves = list(args)
         if not self.layouts.same([*self.tensors, *leaves]) or list(map(_GRAD_FN, leaves)) != self.grad_fns:
             return None
-        if _config_values(step.config) != self.config or step.optimizer is not self.optimizer:
+        if config_values(step.config) != self.config or step.optimizer is not self.optimizer:  # dicts by value
             return None
         hyper = {}
         if self.optimizer is not None:

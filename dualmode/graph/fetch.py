@@ -12,14 +12,16 @@ compiled step only reads them. Missing optimizer state, gradients and tensor hyp
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 
 from dualmode.graph.inputs import StepCall, _scalar
 from dualmode.graph.layouts import LayoutCheck
 from dualmode.graph.slots import ArgSlot, GradSlot, HasBufferSlot, HyperSlot, StateSlot, TensorSlot
 
-TENSOR, ARG, HYPER, STATE, HAS_BUFFER, OTHER = range(6)
-_UNSEEN = object()
+TENSOR, ARG, HYPER, STATE, HAS_BUFFER, OTHER, PARAMETER_STATE, GROUP_HYPER = range(8)
+_VERSION = attrgetter("_version")
 
 
 class FetchPlan:
@@ -48,7 +50,8 @@ class FetchPlan:
         args_end = _run_end(kinds, tensors_end, ARG)
         self._tensor_run = [step[1] for step in self._steps[:tensors_end]]
         self._arg_run = [step[1] for step in self._steps[tensors_end:args_end]]
-        self._rest = range(args_end, len(slots))
+        self._rest = _merged(list(enumerate(self._steps))[args_end:])
+        self._last_hyper: dict[int, tuple] = {}  # per GROUP_HYPER step: (the values, their inputs, versions)
         self._filled: list = [None] * len(slots)  # per scalar slot: (tensor, value, version) as last filled here
         # Optimizer state and gradients: the cache key does not cover their layout (a user may replace them),
         # and the compiled code assumes the traced one, so it is compared at every call (a few hundred ns each).
@@ -78,41 +81,45 @@ class FetchPlan:
     def inputs(self, call: StepCall, scalars: dict) -> list[torch.Tensor]:
         tensors, leaves = call.tensors.tensors, call.leaves
         state = call.optimizer.state if call.optimizer is not None else {}
-        held_of = {}  # tensor index -> its optimizer state: a dict keyed by tensors hashes in Python, so once
         out = list(map(tensors.__getitem__, self._tensor_run))
         out += map(leaves.__getitem__, self._arg_run)
-        steps = self._steps
-        for i in self._rest:
-            step = steps[i]
+        for i, step in self._rest:
             kind = step[0]
-            if kind == TENSOR:
+            if kind == PARAMETER_STATE:  # one parameter's state slots: its state looked up once (a Python hash)
+                held = state.get(tensors[step[1]])
+                for j, sub in step[2]:
+                    if sub[0] == STATE:  # existing state as it is; missing state is created by call.fetch
+                        t = held.get(sub[2]) if held is not None else None
+                        if t is None:
+                            t = call.fetch(sub[3], scalars)
+                            held = state.get(tensors[step[1]])
+                        out.append(t)
+                    else:  # HAS_BUFFER: whether the state held the lazy buffer before this call
+                        has = held is not None and held.get(call.plan.lazy) is not None
+                        out.append(self._scalar(j, sub[3], has, torch.bool, scalars))
+            elif kind == GROUP_HYPER:  # one group's runtime scalars
+                values = call._hyper(step[1])
+                last = self._last_hyper.get(i)
+                if last is not None and last[0] is values and list(map(_VERSION, last[1])) == last[2]:
+                    out += last[1]  # the very values of the last call (fastpath.py), in tensors nobody wrote since
+                    continue
+                filled = [self._hyper_input(j, sub, values, call, scalars) for j, sub in step[2]]
+                out += filled
+                if not any(isinstance(v, torch.Tensor) for v in values.values()):  # a tensor may change in place
+                    self._last_hyper[i] = (values, filled, list(map(_VERSION, filled)))
+            elif kind == TENSOR:
                 out.append(tensors[step[1]])
             elif kind == ARG:
                 out.append(leaves[step[1]])
-            elif kind == STATE:  # existing state as it is; missing state is created by call.fetch
-                held = held_of.get(step[1], _UNSEEN)
-                if held is _UNSEEN:
-                    held = held_of[step[1]] = state.get(tensors[step[1]])
-                t = held.get(step[2]) if held is not None else None
-                if t is None:
-                    t = call.fetch(step[3], scalars)
-                    held_of.pop(step[1])  # fetch created it
-                out.append(t)
-            elif kind == HYPER:
-                value = call._hyper(step[1])[step[2]]
-                if isinstance(value, torch.Tensor):  # a tensor lr or betas: its own dtype, refilled at every call
-                    out.append(call.fetch(step[3], scalars))
-                else:
-                    out.append(self._scalar(i, step[3], value, torch.float64, scalars))
-            elif kind == HAS_BUFFER:
-                held = held_of.get(step[1], _UNSEEN)
-                if held is _UNSEEN:
-                    held = held_of[step[1]] = state.get(tensors[step[1]])
-                has = held is not None and held.get(call.plan.lazy) is not None
-                out.append(self._scalar(i, step[3], has, torch.bool, scalars))
             else:
                 out.append(call.fetch(step[1], scalars))
         return out
+
+    def _hyper_input(self, i: int, step: tuple, values: dict, call: StepCall, scalars: dict) -> torch.Tensor:
+        value = values[step[2]]
+        if isinstance(value, torch.Tensor):  # a tensor lr or betas: its own dtype, refilled at every call
+            return call.fetch(step[3], scalars)
+        return self._scalar(i, step[3], value, torch.float64, scalars)
 
     def _scalar(self, i: int, slot, value, dtype: torch.dtype, scalars: dict) -> torch.Tensor:
         filled = self._filled[i]
@@ -129,3 +136,21 @@ def _run_end(kinds: list[int], start: int, kind: int) -> int:
     while end < len(kinds) and kinds[end] == kind:
         end += 1
     return end
+
+
+def _merged(steps: list[tuple[int, tuple]]) -> list[tuple[int, tuple]]:
+    """(position, step) pairs, with each run of one parameter's state slots (HAS_BUFFER, STATE: adjacent, as
+    inputs.py lists them) merged into one PARAMETER_STATE step, and each run of one group's HYPER slots into one
+    GROUP_HYPER step."""
+    merged = []
+    for i, step in steps:
+        kind = PARAMETER_STATE if step[0] in (STATE, HAS_BUFFER) else GROUP_HYPER if step[0] == HYPER else None
+        if kind is None:
+            merged.append((i, step))
+            continue
+        last = merged[-1][1] if merged else None
+        if last is not None and last[0] == kind and last[1] == step[1]:  # the same parameter, or group
+            last[2].append((i, step))
+        else:
+            merged.append((i, (kind, step[1], [(i, step)])))
+    return merged
