@@ -63,6 +63,10 @@ class StepTracer:
         self.user_outputs = 0  # the traced function returns build()'s tensors, then:
         self.input_grads: list[int] = []  # the gradients of these arguments (indices into call.leaves), then
         self.finite_names: list[str] | None = None  # with check_finite, one flag per value named here
+        self.state_keys: dict[tuple[int, int], list[str]] = {}  # (group, tensor) -> its state keys, as slotted
+        for slot in slots:
+            if isinstance(slot, StateSlot):
+                self.state_keys.setdefault((slot.group, slot.tensor), []).append(slot.key)
 
     def __call__(self, *flat):
         call = self.call
@@ -161,8 +165,7 @@ class StepTracer:
     def _update_one(self, values: dict, gi: int, ti: int, param, grad, ok) -> None:
         rule, group = self.call.plan.rule, self.call.groups[gi]
         flags = rule.flags(group)
-        keys = rule.state(flags, self.call.tensors.tensors[ti], group)
-        state = {k: values[StateSlot(gi, ti, k)] for k in keys}
+        state = {k: values[StateSlot(gi, ti, k)] for k in self.state_keys.get((gi, ti), ())}
         if rule.lazy:
             state["has_buffer"] = values[HasBufferSlot(gi, ti)]
         hyper = {name: values[HyperSlot(gi, name)] for name in rule.hyper}
