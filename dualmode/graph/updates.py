@@ -5,7 +5,9 @@ run measurably better than the traced torch step (plans.py says which and why). 
 torch.optim's single-tensor loop operation by operation, and the tests hold it to `torch.optim` run in eager
 mode: that is the ground truth.
 
-A rule sees one parameter at a time and returns new tensors; the caller writes them back. Hyperparameters that
+A rule sees one parameter at a time, or (`foreach`) all parameters of one param group at once as lists, for a
+shorter trace: one torch._foreach_* op for the whole group records one node where a loop records one per
+parameter. It returns new tensors; the caller writes them back. Hyperparameters that
 schedulers change (lr, momentum, betas, ...) arrive as 0-d tensors, so changing them never recompiles. Switches
 that change the shape of the computation (nesterov, amsgrad, a zero momentum) are baked in.
 """
@@ -28,7 +30,9 @@ class UpdateRule:
         hyper: names of the numeric hyperparameters read from the group at every step (runtime inputs).
         flags: reads the switches baked into the compiled step from a param group.
         state: reads which state tensors one parameter needs, given the flags, with their initial values.
-        update: `(param, grad, state, hyper, lr, flags) -> (new_param, new_state)`.
+        update: `(param, grad, state, hyper, lr, flags) -> (new_param, new_state)`; with `foreach`, the same
+            over lists: `(params, grads, states, hyper, lr, flags) -> (new_params, new_states)`.
+        foreach: `update` takes the lists of one param group (torch._foreach_* ops), not one parameter.
         lazy: a state key that torch.optim creates from the first gradient rather than as zeros (SGD's
             momentum buffer); the rule then also gets `state["has_buffer"]`, a 0-d bool tensor.
         values: reads the `hyper` values from a group, where they are not plain group entries.
@@ -40,6 +44,7 @@ class UpdateRule:
     update: Callable[..., tuple[Tensor, dict[str, Tensor]]]
     lazy: str | None = None
     values: Callable[[dict], dict[str, float]] | None = None
+    foreach: bool = False
 
 
 def step_tensor() -> Tensor:
@@ -70,23 +75,26 @@ def _sgd_state(flags: tuple, p: Tensor, group: dict) -> dict[str, Tensor]:
     return {"momentum_buffer": _zeros(p)} if use_momentum else {}
 
 
-def _sgd_update(p, g, state, h, lr, flags):
+def _sgd_update(ps, gs, states, h, lr, flags):
+    # torch.optim's single-tensor loop, each step over all parameters of the group at once
     use_momentum, use_decay, nesterov, maximize = flags
     if maximize:
-        g = -g
+        gs = torch._foreach_neg(gs)
     if use_decay:
-        g = g + h["weight_decay"] * p
-    new_state = {}
+        gs = torch._foreach_add(gs, torch._foreach_mul(ps, h["weight_decay"]))
+    new_states = [{} for _ in ps]
     if use_momentum:
-        buf = state["momentum_buffer"]
-        later = buf * h["momentum"] + (1 - h["dampening"]) * g
-        buf = torch.where(state["has_buffer"], later, g)
-        new_state["momentum_buffer"] = buf
-        g = g + h["momentum"] * buf if nesterov else buf
-    return p - lr * g, new_state
+        bufs = [s["momentum_buffer"] for s in states]
+        later = torch._foreach_add(torch._foreach_mul(bufs, h["momentum"]), torch._foreach_mul(gs, 1 - h["dampening"]))
+        bufs = [torch.where(s["has_buffer"], b, g) for s, b, g in zip(states, later, gs)]  # torch's `buf is None`
+        for new, buf in zip(new_states, bufs):
+            new["momentum_buffer"] = buf
+        gs = torch._foreach_add(gs, torch._foreach_mul(bufs, h["momentum"])) if nesterov else bufs
+    return torch._foreach_sub(ps, torch._foreach_mul(gs, lr)), new_states
 
 
-SGD = UpdateRule(("momentum", "dampening", "weight_decay"), _sgd_flags, _sgd_state, _sgd_update, "momentum_buffer")
+SGD = UpdateRule(("momentum", "dampening", "weight_decay"), _sgd_flags, _sgd_state, _sgd_update, "momentum_buffer",
+                 foreach=True)
 
 
 # Adam and AdamW (AdamW is Adam with decoupled_weight_decay=True in torch.optim) -------------------------------
