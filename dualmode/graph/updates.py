@@ -118,32 +118,36 @@ def _adam_state(flags: tuple, p: Tensor, group: dict) -> dict[str, Tensor]:
     return state
 
 
-def _adam_update(p, g, state, h, lr, flags):
+def _adam_update(ps, gs, states, h, lr, flags):
+    # torch.optim's single-tensor loop, each step over all parameters of the group at once
     use_decay, decoupled, amsgrad, maximize = flags
     beta1, beta2 = h["beta1"], h["beta2"]
     if maximize:
-        g = -g
-    step = state["step"] + 1
+        gs = torch._foreach_neg(gs)
+    steps = torch._foreach_add([s["step"] for s in states], 1)
     if use_decay:
         if decoupled:
-            p = p * (1 - lr * h["weight_decay"])
+            ps = torch._foreach_mul(ps, 1 - lr * h["weight_decay"])
         else:
-            g = g + h["weight_decay"] * p
-    exp_avg = state["exp_avg"] + (g - state["exp_avg"]) * (1 - beta1)
-    exp_avg_sq = state["exp_avg_sq"] * beta2 + (1 - beta2) * g * g
-    new_state = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-    step64 = step.to(torch.float64)
-    step_size = lr / (1 - beta1**step64)
-    bias_correction2_sqrt = (1 - beta2**step64).sqrt()
-    second = exp_avg_sq
+            gs = torch._foreach_add(gs, torch._foreach_mul(ps, h["weight_decay"]))
+    avgs = [s["exp_avg"] for s in states]
+    exp_avgs = torch._foreach_add(avgs, torch._foreach_mul(torch._foreach_sub(gs, avgs), 1 - beta1))
+    squares = torch._foreach_mul(torch._foreach_mul(gs, 1 - beta2), gs)
+    exp_avg_sqs = torch._foreach_add(torch._foreach_mul([s["exp_avg_sq"] for s in states], beta2), squares)
+    new_states = [{"step": t, "exp_avg": a, "exp_avg_sq": q} for t, a, q in zip(steps, exp_avgs, exp_avg_sqs)]
+    steps64 = [t.to(torch.float64) for t in steps]
+    step_sizes = [lr / (1 - beta1**t) for t in steps64]
+    bias_corrections2_sqrt = [(1 - beta2**t).sqrt() for t in steps64]
+    second = exp_avg_sqs
     if amsgrad:
-        second = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
-        new_state["max_exp_avg_sq"] = second
-    denom = second.sqrt() / bias_correction2_sqrt + h["eps"]
-    return p - step_size * (exp_avg / denom), new_state
+        second = torch._foreach_maximum([s["max_exp_avg_sq"] for s in states], exp_avg_sqs)
+        for new, m in zip(new_states, second):
+            new["max_exp_avg_sq"] = m
+    denoms = torch._foreach_add(torch._foreach_div(torch._foreach_sqrt(second), bias_corrections2_sqrt), h["eps"])
+    return torch._foreach_sub(ps, torch._foreach_mul(torch._foreach_div(exp_avgs, denoms), step_sizes)), new_states
 
 
-ADAM = UpdateRule(("beta1", "beta2", "eps", "weight_decay"), _adam_flags, _adam_state, _adam_update)
+ADAM = UpdateRule(("beta1", "beta2", "eps", "weight_decay"), _adam_flags, _adam_state, _adam_update, foreach=True)
 
 
 # RMSprop ----------------------------------------------------------------------------------------------------
