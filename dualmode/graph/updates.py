@@ -124,7 +124,8 @@ def _adam_update(ps, gs, states, h, lr, flags):
     beta1, beta2 = h["beta1"], h["beta2"]
     if maximize:
         gs = torch._foreach_neg(gs)
-    steps = torch._foreach_add([s["step"] for s in states], 1)
+    # The step counts as one vector: their arithmetic traced once per group, not once per parameter
+    steps = torch.stack([s["step"] for s in states]) + 1
     if use_decay:
         if decoupled:
             ps = torch._foreach_mul(ps, 1 - lr * h["weight_decay"])
@@ -134,10 +135,11 @@ def _adam_update(ps, gs, states, h, lr, flags):
     exp_avgs = torch._foreach_add(avgs, torch._foreach_mul(torch._foreach_sub(gs, avgs), 1 - beta1))
     squares = torch._foreach_mul(torch._foreach_mul(gs, 1 - beta2), gs)
     exp_avg_sqs = torch._foreach_add(torch._foreach_mul([s["exp_avg_sq"] for s in states], beta2), squares)
-    new_states = [{"step": t, "exp_avg": a, "exp_avg_sq": q} for t, a, q in zip(steps, exp_avgs, exp_avg_sqs)]
-    steps64 = [t.to(torch.float64) for t in steps]
-    step_sizes = [lr / (1 - beta1**t) for t in steps64]
-    bias_corrections2_sqrt = [(1 - beta2**t).sqrt() for t in steps64]
+    new_states = [{"step": t, "exp_avg": a, "exp_avg_sq": q}
+                  for t, a, q in zip(steps.unbind(), exp_avgs, exp_avg_sqs)]
+    steps64 = steps.to(torch.float64)
+    step_sizes = (lr / (1 - beta1**steps64)).unbind()
+    bias_corrections2_sqrt = (1 - beta2**steps64).sqrt().unbind()
     second = exp_avg_sqs
     if amsgrad:
         second = torch._foreach_maximum([s["max_exp_avg_sq"] for s in states], exp_avg_sqs)
