@@ -3,8 +3,8 @@
 `make_fx` runs `build()` once on fake tensors that stand in for every input slot (inputs.py). Autograd runs
 for real during that trace, so the `loss.backward()` inside `build()` is recorded op by op; a Parameter tied
 into two modules is one stand-in, so its gradient sums both uses and it is updated once. The optimizer's update
-(updates.py) is then traced on the gradients, and each result is written back into its input with `copy_`,
-which torch.compile turns into in-place updates.
+(updates.py) is then traced on the gradients, one param group at a time, and the results are written back into
+their inputs with one `_foreach_copy_`, which torch.compile turns into in-place updates.
 """
 
 from __future__ import annotations
@@ -63,6 +63,10 @@ class StepTracer:
         self.user_outputs = 0  # the traced function returns build()'s tensors, then:
         self.input_grads: list[int] = []  # the gradients of these arguments (indices into call.leaves), then
         self.finite_names: list[str] | None = None  # with check_finite, one flag per value named here
+        self.state_keys: dict[tuple[int, int], list[str]] = {}  # (group, tensor) -> its state keys, as slotted
+        for slot in slots:
+            if isinstance(slot, StateSlot):
+                self.state_keys.setdefault((slot.group, slot.tensor), []).append(slot.key)
 
     def __call__(self, *flat):
         call = self.call
@@ -141,9 +145,8 @@ class StepTracer:
             ok = flags.all()
         with torch.no_grad():
             if call.phase == "accumulate":
-                for gi, ti in members:
-                    summed = values[GradSlot(gi, ti)]
-                    write(summed, summed + grads[ti], ok)
+                sums = [values[GradSlot(gi, ti)] for gi, ti in members]
+                write(sums, torch._foreach_add(sums, [grads[ti] for _, ti in members]), ok)
                 return flags
             if call.phase == "apply":
                 grads = {ti: values[GradSlot(gi, ti)] + grads[ti] for gi, ti in members}
@@ -151,26 +154,30 @@ class StepTracer:
                 grads = self.reducer.reduce(grads)  # once per update: after the window's sum, before clipping
             grads = self._clipped(grads, members)
             if call.plan.own_step:  # the optimizer's own step(), traced (plans.OwnStep)
-                for dst, new in call.plan.writes(values, members, stand_ins, grads, in_place=ok is None):
-                    write(dst, new, ok)
+                pairs = call.plan.writes(values, members, stand_ins, grads, in_place=ok is None)
+                write([dst for dst, _ in pairs], [new for _, new in pairs], ok)
                 return flags
-            for gi, ti in members:
-                self._update_one(values, gi, ti, stand_ins[ti], grads[ti], ok)
+            for gi in dict.fromkeys(gi for gi, _ in members):  # one group at a time, in order
+                self._update_group(values, gi, [ti for g, ti in members if g == gi], stand_ins, grads, ok)
         return flags
 
-    def _update_one(self, values: dict, gi: int, ti: int, param, grad, ok) -> None:
+    def _update_group(self, values: dict, gi: int, tis: list[int], stand_ins: list, grads: dict, ok) -> None:
         rule, group = self.call.plan.rule, self.call.groups[gi]
         flags = rule.flags(group)
-        keys = rule.state(flags, self.call.tensors.tensors[ti], group)
-        state = {k: values[StateSlot(gi, ti, k)] for k in keys}
+        states = [{k: values[StateSlot(gi, ti, k)] for k in self.state_keys.get((gi, ti), ())} for ti in tis]
         if rule.lazy:
-            state["has_buffer"] = values[HasBufferSlot(gi, ti)]
+            for ti, state in zip(tis, states):
+                state["has_buffer"] = values[HasBufferSlot(gi, ti)]
         hyper = {name: values[HyperSlot(gi, name)] for name in rule.hyper}
         lr = policy.scaled_lr(values[HyperSlot(gi, "lr")], group, gi)  # lr_scale: a baked constant
-        new_param, new_state = rule.update(param, grad, state, hyper, lr, flags)
-        write(param, new_param, ok)
-        for k, v in new_state.items():
-            write(state[k], v, ok)
+        params, group_grads = [stand_ins[ti] for ti in tis], [grads[ti] for ti in tis]
+        if rule.foreach:
+            new_params, new_states = rule.update(params, group_grads, states, hyper, lr, flags)
+        else:
+            new_params, new_states = zip(*(rule.update(p, g, state, hyper, lr, flags)
+                                           for p, g, state in zip(params, group_grads, states)))
+        dsts = params + [state[k] for state, new in zip(states, new_states) for k in new]
+        write(dsts, list(new_params) + [v for new in new_states for v in new.values()], ok)
 
     def _clipped(self, grads: dict, members: list) -> dict:
         """Clip as eager mode does: the sets of groups of `policy.clip_sets`, each to one total norm."""
@@ -206,8 +213,10 @@ def swapped(modules: list[torch.nn.Module], stand_ins: dict[int, torch.Tensor]):
             store[name] = t
 
 
-def write(dst: torch.Tensor, new: torch.Tensor, ok) -> None:
-    """Write a new value into an input; with the finite check on, keep the old value when the loss is not finite."""
+def write(dsts: list[torch.Tensor], news: list[torch.Tensor], ok) -> None:
+    """Write new values into inputs (one foreach copy, one node in the trace); with the finite check on, keep the
+    old values when the loss or a gradient is not finite."""
     if ok is not None:
-        new = torch.where(ok, new, dst)
-    dst.copy_(new)
+        news = [torch.where(ok, new, dst) for dst, new in zip(dsts, news)]
+    if dsts:
+        torch._foreach_copy_(dsts, news)

@@ -5,7 +5,9 @@ run measurably better than the traced torch step (plans.py says which and why). 
 torch.optim's single-tensor loop operation by operation, and the tests hold it to `torch.optim` run in eager
 mode: that is the ground truth.
 
-A rule sees one parameter at a time and returns new tensors; the caller writes them back. Hyperparameters that
+A rule sees one parameter at a time, or (`foreach`) all parameters of one param group at once as lists, for a
+shorter trace: one torch._foreach_* op for the whole group records one node where a loop records one per
+parameter. It returns new tensors; the caller writes them back. Hyperparameters that
 schedulers change (lr, momentum, betas, ...) arrive as 0-d tensors, so changing them never recompiles. Switches
 that change the shape of the computation (nesterov, amsgrad, a zero momentum) are baked in.
 """
@@ -28,7 +30,9 @@ class UpdateRule:
         hyper: names of the numeric hyperparameters read from the group at every step (runtime inputs).
         flags: reads the switches baked into the compiled step from a param group.
         state: reads which state tensors one parameter needs, given the flags, with their initial values.
-        update: `(param, grad, state, hyper, lr, flags) -> (new_param, new_state)`.
+        update: `(param, grad, state, hyper, lr, flags) -> (new_param, new_state)`; with `foreach`, the same
+            over lists: `(params, grads, states, hyper, lr, flags) -> (new_params, new_states)`.
+        foreach: `update` takes the lists of one param group (torch._foreach_* ops), not one parameter.
         lazy: a state key that torch.optim creates from the first gradient rather than as zeros (SGD's
             momentum buffer); the rule then also gets `state["has_buffer"]`, a 0-d bool tensor.
         values: reads the `hyper` values from a group, where they are not plain group entries.
@@ -40,6 +44,7 @@ class UpdateRule:
     update: Callable[..., tuple[Tensor, dict[str, Tensor]]]
     lazy: str | None = None
     values: Callable[[dict], dict[str, float]] | None = None
+    foreach: bool = False
 
 
 def step_tensor() -> Tensor:
@@ -70,23 +75,26 @@ def _sgd_state(flags: tuple, p: Tensor, group: dict) -> dict[str, Tensor]:
     return {"momentum_buffer": _zeros(p)} if use_momentum else {}
 
 
-def _sgd_update(p, g, state, h, lr, flags):
+def _sgd_update(ps, gs, states, h, lr, flags):
+    # torch.optim's single-tensor loop, each step over all parameters of the group at once
     use_momentum, use_decay, nesterov, maximize = flags
     if maximize:
-        g = -g
+        gs = torch._foreach_neg(gs)
     if use_decay:
-        g = g + h["weight_decay"] * p
-    new_state = {}
+        gs = torch._foreach_add(gs, torch._foreach_mul(ps, h["weight_decay"]))
+    new_states = [{} for _ in ps]
     if use_momentum:
-        buf = state["momentum_buffer"]
-        later = buf * h["momentum"] + (1 - h["dampening"]) * g
-        buf = torch.where(state["has_buffer"], later, g)
-        new_state["momentum_buffer"] = buf
-        g = g + h["momentum"] * buf if nesterov else buf
-    return p - lr * g, new_state
+        bufs = [s["momentum_buffer"] for s in states]
+        later = torch._foreach_add(torch._foreach_mul(bufs, h["momentum"]), torch._foreach_mul(gs, 1 - h["dampening"]))
+        bufs = [torch.where(s["has_buffer"], b, g) for s, b, g in zip(states, later, gs)]  # torch's `buf is None`
+        for new, buf in zip(new_states, bufs):
+            new["momentum_buffer"] = buf
+        gs = torch._foreach_add(gs, torch._foreach_mul(bufs, h["momentum"])) if nesterov else bufs
+    return torch._foreach_sub(ps, torch._foreach_mul(gs, lr)), new_states
 
 
-SGD = UpdateRule(("momentum", "dampening", "weight_decay"), _sgd_flags, _sgd_state, _sgd_update, "momentum_buffer")
+SGD = UpdateRule(("momentum", "dampening", "weight_decay"), _sgd_flags, _sgd_state, _sgd_update, "momentum_buffer",
+                 foreach=True)
 
 
 # Adam and AdamW (AdamW is Adam with decoupled_weight_decay=True in torch.optim) -------------------------------
@@ -110,32 +118,38 @@ def _adam_state(flags: tuple, p: Tensor, group: dict) -> dict[str, Tensor]:
     return state
 
 
-def _adam_update(p, g, state, h, lr, flags):
+def _adam_update(ps, gs, states, h, lr, flags):
+    # torch.optim's single-tensor loop, each step over all parameters of the group at once
     use_decay, decoupled, amsgrad, maximize = flags
     beta1, beta2 = h["beta1"], h["beta2"]
     if maximize:
-        g = -g
-    step = state["step"] + 1
+        gs = torch._foreach_neg(gs)
+    # The step counts as one vector: their arithmetic traced once per group, not once per parameter
+    steps = torch.stack([s["step"] for s in states]) + 1
     if use_decay:
         if decoupled:
-            p = p * (1 - lr * h["weight_decay"])
+            ps = torch._foreach_mul(ps, 1 - lr * h["weight_decay"])
         else:
-            g = g + h["weight_decay"] * p
-    exp_avg = state["exp_avg"] + (g - state["exp_avg"]) * (1 - beta1)
-    exp_avg_sq = state["exp_avg_sq"] * beta2 + (1 - beta2) * g * g
-    new_state = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-    step64 = step.to(torch.float64)
-    step_size = lr / (1 - beta1**step64)
-    bias_correction2_sqrt = (1 - beta2**step64).sqrt()
-    second = exp_avg_sq
+            gs = torch._foreach_add(gs, torch._foreach_mul(ps, h["weight_decay"]))
+    avgs = [s["exp_avg"] for s in states]
+    exp_avgs = torch._foreach_add(avgs, torch._foreach_mul(torch._foreach_sub(gs, avgs), 1 - beta1))
+    squares = torch._foreach_mul(torch._foreach_mul(gs, 1 - beta2), gs)
+    exp_avg_sqs = torch._foreach_add(torch._foreach_mul([s["exp_avg_sq"] for s in states], beta2), squares)
+    new_states = [{"step": t, "exp_avg": a, "exp_avg_sq": q}
+                  for t, a, q in zip(steps.unbind(), exp_avgs, exp_avg_sqs)]
+    steps64 = steps.to(torch.float64)
+    step_sizes = (lr / (1 - beta1**steps64)).unbind()
+    bias_corrections2_sqrt = (1 - beta2**steps64).sqrt().unbind()
+    second = exp_avg_sqs
     if amsgrad:
-        second = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
-        new_state["max_exp_avg_sq"] = second
-    denom = second.sqrt() / bias_correction2_sqrt + h["eps"]
-    return p - step_size * (exp_avg / denom), new_state
+        second = torch._foreach_maximum([s["max_exp_avg_sq"] for s in states], exp_avg_sqs)
+        for new, m in zip(new_states, second):
+            new["max_exp_avg_sq"] = m
+    denoms = torch._foreach_add(torch._foreach_div(torch._foreach_sqrt(second), bias_corrections2_sqrt), h["eps"])
+    return torch._foreach_sub(ps, torch._foreach_mul(torch._foreach_div(exp_avgs, denoms), step_sizes)), new_states
 
 
-ADAM = UpdateRule(("beta1", "beta2", "eps", "weight_decay"), _adam_flags, _adam_state, _adam_update)
+ADAM = UpdateRule(("beta1", "beta2", "eps", "weight_decay"), _adam_flags, _adam_state, _adam_update, foreach=True)
 
 
 # RMSprop ----------------------------------------------------------------------------------------------------

@@ -267,7 +267,7 @@ def test_graph_module_and_explain_describe_one_whole_step():
     ops = {str(n.target) for n in step.graph_module.graph.nodes if n.op == "call_function"}
     assert "aten.addmm.default" in ops  # forward
     assert "aten.tanh_backward.default" in ops  # backward
-    assert "aten.copy_.default" in ops  # the update written back into the parameters
+    assert "aten._foreach_copy_.default" in ops  # the update written back into the parameters (one foreach copy)
     text = str(step.explain())
     assert "compiled graphs: 1" in text and "graph breaks: 0" in text and "recompiles: 0" in text
 
