@@ -39,14 +39,22 @@ def _config_values(config) -> tuple:
     return values[:-1] + (dict(values[-1]),)  # a copy of compile_options: the dict may be changed in place
 
 
-def _entries(group: dict) -> tuple[tuple, tuple]:
+_IMMUTABLE = (int, float, bool, str, type(None))
+
+
+def _entries(group: dict) -> tuple[tuple, tuple | None]:
+    """The group's keys (but params) and their values; None for the values if one of them could change in place
+    (a tensor, a list): identity would not tell, so such a group's settings are recomputed at every call."""
     keys = tuple(k for k in group if k != "params")
-    return keys, tuple(map(group.__getitem__, keys))
+    values = tuple(map(group.__getitem__, keys))
+    immutable = all(isinstance(v, _IMMUTABLE) or (type(v) is tuple and all(isinstance(x, _IMMUTABLE) for x in v))
+                    for v in values)
+    return keys, values if immutable else None
 
 
-def _unchanged(group: dict, keys: tuple, held: tuple) -> bool:
+def _unchanged(group: dict, keys: tuple, held: tuple | None) -> bool:
     """The group holds exactly these entries, the very same objects (identity: no value is compared)."""
-    if len(group) != len(keys) + 1:
+    if held is None or len(group) != len(keys) + 1:
         return False
     try:
         return all(map(is_, map(group.__getitem__, keys), held))

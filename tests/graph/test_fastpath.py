@@ -183,3 +183,4 @@ def test_a_hook_replaced_by_another_keeping_their_number_recompiles_and_matches_
         train(graph, eager, data[3:4])
     train(graph, eager, data[4:])
     assert graph.compile_count == 2
+
