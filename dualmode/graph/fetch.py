@@ -3,10 +3,10 @@
 The slots of a variant are fixed when it is compiled, so the way to get each one is chosen once (`FetchPlan`:
 one small tuple per slot, read by position) rather than by an `isinstance` chain and dict lookups keyed by
 slot objects (a dataclass's hash is a Python call) per slot and call. The bulk of the slots of a small model
-are its parameters (a detached alias each), their optimizer state (as torch.optim holds it) and the groups'
-runtime scalars: those persistent 0-d tensors are refilled only when the group's value changed since this plan
-last filled them and nothing else wrote them since (their version counter says so), which is exact: the
-compiled step only reads them. Missing optimizer state, gradients and tensor hyperparameters go through
+are its parameters (as they are: the compiled step runs under no_grad), their optimizer state (as torch.optim
+holds it, looked up once per parameter) and the groups' runtime scalars: those persistent 0-d tensors are
+refilled only when the group's value changed since this plan last filled them and nothing else wrote them
+since (their version counter says so), which is exact: the compiled step only reads them. Missing optimizer state, gradients and tensor hyperparameters go through
 `StepCall.fetch`, which creates state the way torch.optim would.
 """
 
