@@ -6,8 +6,9 @@ slot objects (a dataclass's hash is a Python call) per slot and call. The bulk o
 are its parameters (as they are: the compiled step runs under no_grad), their optimizer state (as torch.optim
 holds it, looked up once per parameter) and the groups' runtime scalars: those persistent 0-d tensors are
 refilled only when the group's value changed since this plan last filled them and nothing else wrote them
-since (their version counter says so), which is exact: the compiled step only reads them. Missing optimizer state, gradients and tensor hyperparameters go through
-`StepCall.fetch`, which creates state the way torch.optim would.
+since (their version counter says so), which is exact: the compiled step only reads them. Missing optimizer
+state, gradients and tensor hyperparameters go through `StepCall.fetch`, which creates state the way torch.optim
+would.
 """
 
 from __future__ import annotations
