@@ -60,11 +60,14 @@ def fake_examples(slots: list, examples: list, batch: BatchDims):
     fakes, symbols = [], {}
     for slot, t in zip(slots, examples):
         dynamic = isinstance(slot, ArgSlot) and slot.index in batch.labels
-        sizes = [DimDynamic.DYNAMIC if (dynamic and d == 0) else DimDynamic.STATIC for d in range(t.dim())]
+        if not dynamic:  # parameters, state, static arguments: plain sizes, without the symbolic machinery
+            fakes.append(mode.from_tensor(t, static_shapes=True))
+            continue
+        sizes = [DimDynamic.DYNAMIC if d == 0 else DimDynamic.STATIC for d in range(t.dim())]
         fake = mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
-        if dynamic:  # the symbol as created: the trace may later replace it by another one or a constant
-            symbols[slot.index] = sympy.sympify(fake.shape[0].node.expr if isinstance(fake.shape[0], torch.SymInt)
-                                                else fake.shape[0])
+        # The symbol as created: the trace may later replace it by another one or a constant.
+        symbols[slot.index] = sympy.sympify(fake.shape[0].node.expr if isinstance(fake.shape[0], torch.SymInt)
+                                            else fake.shape[0])
         fakes.append(fake)
     return fakes, BatchGuard(env, symbols)
 

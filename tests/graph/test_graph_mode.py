@@ -352,6 +352,8 @@ def test_inductor_compiles_the_whole_step_and_matches_eager():
     assert_same_state(results["eager"], results["graph"])
     # Graph mode checks every input's layout before the call (compile.compiling): no assert of inductor's own.
     assert len(code) == 1 and "assert_size_stride(" not in code[0]
+    # A CPU step is built with inductor's C++ wrapper: the kernels and the wrapper in one library.
+    assert "CppWrapperCodeCache" in code[0] and "async_compile.cpp_pybinding" not in code[0]
 
 
 def test_optimizer_tensor_outside_the_step_modules_is_named_in_graph_mode():
