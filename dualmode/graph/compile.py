@@ -69,8 +69,8 @@ def with_cpp_wrapper(gm: torch.fx.GraphModule, extra: dict | None) -> dict | Non
     """Inductor's options for a step whose tensors are all on the CPU: its C++ wrapper, without a precompiled
     header, unless the user chose either.
 
-    By default inductor builds each CPU kernel as a shared library of its own, one gcc call each (the smallest
-    took 0.37 s): MobileNetV2's step took 84 builds and 76 s of gcc, one at a time. With the C++ wrapper the
+    By default inductor builds each CPU kernel as a shared library of its own, one gcc call each (0.64 s at
+    least): MobileNetV2's step took 84 builds and 76 s of gcc, one at a time. With the C++ wrapper the
     kernels and the wrapper are one library, one gcc call: 28 s, plus 4 s for the precompiled header, which one
     translation unit does not need (26.5 s without it). Either key in compile_options["options"], or either
     environment variable, and inductor's own settings stand.
