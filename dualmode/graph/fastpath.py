@@ -17,6 +17,7 @@ from operator import attrgetter, is_
 
 import torch
 
+from dualmode.graph.guards import IMMUTABLE
 from dualmode.graph.inputs import StepCall, config_values, group_settings
 from dualmode.graph.layouts import LayoutCheck
 
@@ -39,15 +40,13 @@ def _config_values(config) -> tuple:
     return values[:-1] + (dict(values[-1]),)  # a copy of compile_options: the dict may be changed in place
 
 
-_IMMUTABLE = (int, float, bool, str, type(None))
-
-
 def _entries(group: dict) -> tuple[tuple, tuple | None]:
     """The group's keys (but params) and their values; None for the values if one of them could change in place
-    (a tensor, a list): identity would not tell, so such a group's settings are recomputed at every call."""
+    (a tensor, a list; immutable is what the guard compares by value, guards.IMMUTABLE): identity would not tell,
+    so such a group's settings are recomputed at every call."""
     keys = tuple(k for k in group if k != "params")
     values = tuple(map(group.__getitem__, keys))
-    immutable = all(isinstance(v, _IMMUTABLE) or (type(v) is tuple and all(isinstance(x, _IMMUTABLE) for x in v))
+    immutable = all(isinstance(v, IMMUTABLE) or (type(v) is tuple and all(isinstance(x, IMMUTABLE) for x in v))
                     for v in values)
     return keys, values if immutable else None
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 _MISSING = object()  # an attribute that was not there
-_IMMUTABLE = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device, enum.Enum, range)
+IMMUTABLE = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device, enum.Enum, range)
 _SKIP_MODULE = frozenset({"_parameters", "_buffers", "training", "__dict__", "__class__"})  # in the cache key
 HOOK_DICTS = {
     "_forward_hooks": "forward hooks", "_forward_pre_hooks": "forward pre-hooks",
@@ -50,7 +50,7 @@ class _Same:
 
 def fingerprint(value, depth: int = 2):
     """A value that compares equal exactly when `value` would make the trace compute the same thing."""
-    if isinstance(value, _IMMUTABLE):
+    if isinstance(value, IMMUTABLE):
         return value
     if isinstance(value, torch.Tensor):
         return (_Same(value), tuple(value.shape), value.dtype, value.device, value.requires_grad)
@@ -149,8 +149,8 @@ def _kind(value) -> str:
 
 def _by_identity(value) -> bool:
     if isinstance(value, tuple):
-        return all(isinstance(v, _IMMUTABLE) for v in value)
-    return isinstance(value, _IMMUTABLE + (nn.Module, types.FunctionType, types.BuiltinFunctionType, type))
+        return all(isinstance(v, IMMUTABLE) for v in value)
+    return isinstance(value, IMMUTABLE + (nn.Module, types.FunctionType, types.BuiltinFunctionType, type))
 
 
 class Guard:
