@@ -6,7 +6,8 @@ carries over. Dynamo is not involved: re-tracing a graph make_fx already traced 
 its cold first call and its guards about 0.8 ms per call, and what those guards checked is graph mode's own
 cache key (fastpath.py, inputs.py) and the layout check of optimizer state and gradients (fetch.py). The
 backend compiles on the first call, under inductor's recompute pass (remat.py); a CPU step with inductor's C++
-wrapper (`with_cpp_wrapper`).
+wrapper (`with_cpp_wrapper`). Inductor's once-per-process checks run while the step is traced
+(`BackendWarmUp`).
 
 Where the time goes: the backend call is timed here; inductor's own compile timer
 (`torch._dynamo.utils.compilation_time_metrics["compile_fx_inner"]`, kept for the whole process) and kernel
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -33,7 +35,7 @@ INDUCTOR = "compile_fx_inner"
 class CompiledStep:
     """The traced step, compiled by the backend at its first call; `compile_s` is what that compile took."""
 
-    def __init__(self, gm: torch.fx.GraphModule, options: dict):
+    def __init__(self, gm: torch.fx.GraphModule, options: dict, warm_up: BackendWarmUp | None = None):
         # make_fx leaves its ShapeEnv on the module; AOTAutograd's cache pickles the module's attributes for its
         # key and cannot pickle that, so it bypassed the cache (MobileNetV2: 11.5 s of AOTAutograd in every warm
         # first call). The fake inputs' own ShapeEnv is what the backend uses.
@@ -49,9 +51,12 @@ class CompiledStep:
                          else torch._TorchCompileWrapper(backend, mode, extra, dynamic))
         self.fn = None
         self.compile_s = 0.0
+        self.warm_up = warm_up
 
     def __call__(self, *inputs):
         if self.fn is None:
+            if self.warm_up is not None:
+                self.warm_up.wait()
             examples = [node.meta["val"] for node in self.gm.graph.nodes if node.op == "placeholder"]
             start = time.perf_counter()
             self.fn = self.compiler(self.gm, examples)
@@ -85,9 +90,46 @@ def with_cpp_wrapper(gm: torch.fx.GraphModule, extra: dict | None) -> dict | Non
     return {**(extra or {}), **{key: value for key, value in CPU_BUILD.items() if hasattr(inductor_config, key)}}
 
 
-def compile_step(gm: torch.fx.GraphModule, options: dict) -> CompiledStep:
-    """The compiled step of one traced graph (compiled at its first call)."""
-    return CompiledStep(gm, options)
+def compile_step(gm: torch.fx.GraphModule, options: dict, warm_up: BackendWarmUp | None = None) -> CompiledStep:
+    """The compiled step of one traced graph (compiled at its first call, once `warm_up` is done)."""
+    return CompiledStep(gm, options, warm_up)
+
+
+class BackendWarmUp:
+    """Inductor's once-per-process checks, run in a background thread while the step is traced.
+
+    Whatever it compiles or loads from its cache, inductor's first CPU compile in a process builds and loads a
+    probe library for each vector instruction set the CPU reports, each load in a Python subprocess
+    (`cpu_vec_isa.pick_vec_isa`), and hashes torch's own sources for its cache keys (`codecache.torch_key`).
+    Both are cached for the process and mostly wait on gcc, subprocesses and files, so they overlap with the
+    trace, which is Python on one core (MobileNetV2's warm first call: about 1.9 s less after the trace, 0.7 s
+    more in it, in a slow spell of this machine).
+    Their results are what inductor would compute itself: a failure is left for inductor to meet again and
+    report, and a user's `cpp.vec_isa_ok` (which changes the probes' answer) skips them.
+    """
+
+    def __init__(self, options: dict, examples: list):
+        extra = options.get("options") or {}
+        cpu = any(isinstance(e, torch.Tensor) and e.device.type == "cpu" for e in examples)
+        self.probes = cpu and "cpp.vec_isa_ok" not in extra
+        self.thread = threading.Thread(target=self._run, name="dualmode-inductor-warm-up", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        with contextlib.suppress(Exception):
+            from torch._inductor import codecache, cpu_vec_isa
+
+            if self.probes:
+                cpu_vec_isa.pick_vec_isa()
+            codecache.torch_key()
+
+    def wait(self) -> None:
+        self.thread.join()
+
+    @staticmethod
+    def start(options: dict, examples: list) -> BackendWarmUp | None:
+        """The warm-up for a step compiled with inductor, else None."""
+        return BackendWarmUp(options, examples) if options.get("backend", "inductor") == "inductor" else None
 
 
 @contextlib.contextmanager

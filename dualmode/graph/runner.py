@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_unflatten
 
 from dualmode.graph import collectives, diagnose, guards, refusals
 from dualmode.graph.batch import BatchDims, BatchGuard, fake_examples
-from dualmode.graph.compile import CompileTimer, compile_step, compiling
+from dualmode.graph.compile import BackendWarmUp, CompileTimer, compile_step, compiling
 from dualmode.graph.fastpath import LastCall
 from dualmode.graph.fetch import FetchPlan
 from dualmode.graph.inputs import StepCall
@@ -250,6 +250,8 @@ class GraphRunner:
                           RecompileWarning, stacklevel=4)
         slots = call.slots()
         examples = [call.example(slot, self._scalars) for slot in slots]
+        options = {k: v for k, v in config.compile_options.items() if v is not None}
+        warm_up = BackendWarmUp.start(options, examples)
         start = time.perf_counter()
         fakes, batch_guard = fake_examples(slots, examples, batch)
         gm, used, tracer = trace_step(call, slots, fakes)
@@ -258,8 +260,7 @@ class GraphRunner:
         fixed = batch_guard.fixed
         if fixed or not batch:
             batch_guard = None
-        options = {k: v for k, v in config.compile_options.items() if v is not None}
-        fn = compile_step(gm, options)
+        fn = compile_step(gm, options, warm_up)
         record = CompileRecord(call.phase, reason, trace_s, inputs=len(used),
                                nodes=sum(n.op == "call_function" for n in gm.graph.nodes),
                                collectives=collectives.summary(gm, tracer.reducer))

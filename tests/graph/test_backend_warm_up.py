@@ -1,0 +1,73 @@
+"""Inductor's once-per-process checks run in the background while the step is traced (compile.BackendWarmUp)."""
+
+import threading
+
+import pytest
+import torch
+from torch._inductor import codecache, cpu_vec_isa
+
+from dualmode.graph.compile import BackendWarmUp, CompiledStep
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    seen = []
+    monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", lambda: seen.append("vec_isa"))
+    monkeypatch.setattr(codecache, "torch_key", lambda: seen.append("torch_key"))
+    return seen
+
+
+def finished(warm_up: BackendWarmUp | None) -> BackendWarmUp | None:
+    if warm_up is not None:
+        warm_up.wait()
+    return warm_up
+
+
+def test_a_cpu_step_for_inductor_probes_the_vector_isa_and_hashes_torch_in_the_background(calls):
+    warm_up = finished(BackendWarmUp.start({"backend": "inductor"}, [torch.ones(2), 0.1]))
+    assert warm_up.thread.name == "dualmode-inductor-warm-up" and not warm_up.thread.is_alive()
+    assert calls == ["vec_isa", "torch_key"]
+    finished(BackendWarmUp.start({}, [torch.ones(2)]))  # inductor is the default backend
+    assert calls == ["vec_isa", "torch_key"] * 2
+
+
+def test_another_backend_gets_none(calls):
+    assert BackendWarmUp.start({"backend": "eager"}, [torch.ones(2)]) is None
+    assert calls == []
+
+
+def test_a_users_vec_isa_ok_or_no_cpu_tensor_skips_the_probes(calls):
+    # The probes' answer is cached for the process: computed outside the user's option, it would override it.
+    finished(BackendWarmUp.start({"options": {"cpp.vec_isa_ok": False}}, [torch.ones(2)]))
+    finished(BackendWarmUp.start({}, [torch.ones(2, device="meta"), 3]))
+    assert calls == ["torch_key", "torch_key"]
+
+
+def test_a_failing_check_is_left_for_inductor_to_report(monkeypatch, calls):
+    def broken():
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", broken)
+    finished(BackendWarmUp.start({}, [torch.ones(2)]))  # no exception here, nothing cached
+    assert calls == []
+
+
+def test_the_compile_starts_after_the_warm_up(monkeypatch):
+    release, order = threading.Event(), []
+    warm_up = BackendWarmUp.__new__(BackendWarmUp)
+    warm_up.thread = threading.Thread(target=lambda: (release.wait(5), order.append("warm-up done")))
+    warm_up.thread.start()
+    gm = torch.fx.symbolic_trace(lambda x: x * 2)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            node.meta["val"] = torch.ones(2)
+    step = CompiledStep(gm, {"backend": "eager"}, warm_up)
+
+    def compiler(graph, examples):
+        order.append("compile")
+        return graph
+
+    step.compiler = compiler
+    threading.Timer(0.05, release.set).start()
+    assert torch.equal(step(torch.ones(2)), torch.full((2,), 2.0))
+    assert order == ["warm-up done", "compile"]
