@@ -40,23 +40,33 @@ def _config_values(config) -> tuple:
     return values[:-1] + (dict(values[-1]),)  # a copy of compile_options: the dict may be changed in place
 
 
-def _entries(group: dict) -> tuple[tuple, tuple | None]:
-    """The group's keys (but params) and their values; None for the values if one of them could change in place
-    (a tensor, a list; immutable is what the guard compares by value, guards.IMMUTABLE): identity would not tell,
-    so such a group's settings are recomputed at every call."""
+def _immutable(value) -> bool:
+    return isinstance(value, IMMUTABLE) or (type(value) is tuple and all(isinstance(x, IMMUTABLE) for x in value))
+
+
+def _entries(group: dict) -> tuple[tuple, tuple | None, tuple]:
+    """The group's keys (but params), their values, and a copy of each list of immutable values in them (a
+    resolver's `names`, a list of betas), by key.
+
+    Immutable is what the guard compares by value (guards.IMMUTABLE). A list can change in place, which identity
+    would not tell: its copy is compared by value. None for the values if one of them is neither (a tensor, a
+    list holding one): such a group's settings are recomputed at every call."""
     keys = tuple(k for k in group if k != "params")
     values = tuple(map(group.__getitem__, keys))
-    immutable = all(isinstance(v, IMMUTABLE) or (type(v) is tuple and all(isinstance(x, IMMUTABLE) for x in v))
-                    for v in values)
-    return keys, values if immutable else None
+    lists = tuple((k, tuple(v)) for k, v in zip(keys, values) if type(v) is list and all(map(_immutable, v)))
+    listed = {k for k, _ in lists}
+    if not all(_immutable(v) for k, v in zip(keys, values) if k not in listed):
+        return keys, None, ()
+    return keys, values, lists
 
 
-def _unchanged(group: dict, keys: tuple, held: tuple | None) -> bool:
-    """The group holds exactly these entries, the very same objects (identity: no value is compared)."""
+def _unchanged(group: dict, keys: tuple, held: tuple | None, lists: tuple) -> bool:
+    """The group holds exactly these entries, the very same objects, and its lists the same values."""
     if held is None or len(group) != len(keys) + 1:
         return False
     try:
-        return all(map(is_, map(group.__getitem__, keys), held))
+        return (all(map(is_, map(group.__getitem__, keys), held))
+                and all(tuple(group[k]) == copy for k, copy in lists))
     except KeyError:  # an entry replaced by another of a new name
         return False
 
@@ -86,7 +96,8 @@ class LastCall:
             groups = call.optimizer.param_groups
             self.group_params = [list(g["params"]) for g in groups]
             self.entries = list(map(_entries, groups))
-            self.groups, self.hypers = zip(*(group_settings(call.plan, g) for g in groups))
+            self.groups, hypers = zip(*(group_settings(call.plan, g) for g in groups))
+            self.hypers = list(hypers)
 
     def reuse(self, step, phase: str, args: tuple, kwargs: dict) -> StepCall | None:
         """This call as a StepCall that reuses the last one's walk, or None if anything differs from it."""
@@ -112,11 +123,12 @@ class LastCall:
             for gi, group in enumerate(groups):
                 if not _same(group["params"], self.group_params[gi]):
                     return None
-                keys, held = self.entries[gi]
-                if _unchanged(group, keys, held):  # the same objects under the same keys: nothing to recompute
+                if _unchanged(group, *self.entries[gi]):  # the same objects under the same keys: nothing to recompute
                     hyper[gi] = self.hypers[gi]
                     continue
                 now, hyper[gi] = group_settings(self.call.plan, group)  # a scheduler's new lr, say
                 if now != self.groups[gi]:
                     return None
+                # The same baked settings: from now on compared with these entries (an epoch's lr, say).
+                self.entries[gi], self.hypers[gi] = _entries(group), hyper[gi]
         return self.call.again(step, phase, leaves, hyper)

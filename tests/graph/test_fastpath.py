@@ -184,3 +184,45 @@ def test_a_hook_replaced_by_another_keeping_their_number_recompiles_and_matches_
     train(graph, eager, data[4:])
     assert graph.compile_count == 2
 
+
+
+def test_a_list_in_a_param_group_changed_in_place_after_steady_calls_applies():
+    # The resolver's `names` and a betas list are lists: the steady-state check compares them by value, since
+    # identity does not tell an in-place change.
+    results = []
+    for mode in ("graph", "eager"):
+        model = tiny_net()
+        step = Step(model, torch.optim.Adam(tiny_groups(model), lr=0.01), mode=mode)
+        betas = [0.9, 0.999]
+        for group in step.optimizer.param_groups:
+            group["betas"] = betas
+        for i, (x, y) in enumerate(batches(6)):
+            if i == 3:
+                betas[0] = 0.5  # the list all groups share, changed in place
+                step.optimizer.param_groups[1]["names"].append("renamed")
+            step(x, y)
+        results.append([p.detach().clone() for p in model.parameters()])
+        if mode == "graph":
+            assert step.compile_count == 1  # betas are runtime inputs
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_schedulers_new_lr_is_compared_by_identity_from_the_next_call_on(monkeypatch):
+    from dualmode.graph import fastpath
+
+    graph, eager = pair()
+    schedulers = [torch.optim.lr_scheduler.StepLR(s.optimizer, step_size=3, gamma=0.5) for s in (graph, eager)]
+    recomputed = []
+    real = fastpath.group_settings
+    monkeypatch.setattr(fastpath, "group_settings", lambda plan, group: recomputed.append(1) or real(plan, group))
+    for i, (x, y) in enumerate(batches(7)):
+        recomputed.clear()
+        torch.testing.assert_close(graph(x, y), eager(x, y), rtol=1e-5, atol=1e-6)
+        # The first call notes the three groups' settings; call 4 follows the scheduler's step: they are
+        # recomputed once, then reused (and again at call 7).
+        assert len(recomputed) == (3 if i in (0, 3, 6) else 0), i
+        for scheduler in schedulers:
+            scheduler.step()
+    assert graph.compile_count == 1
+    train(graph, eager, [])
