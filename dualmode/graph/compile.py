@@ -102,8 +102,9 @@ class BackendWarmUp:
     probe library for each vector instruction set the CPU reports, each load in a Python subprocess
     (`cpu_vec_isa.pick_vec_isa`), and hashes torch's own sources for its cache keys (`codecache.torch_key`).
     Both are cached for the process and mostly wait on gcc, subprocesses and files, so they overlap with the
-    trace, which is Python on one core (MobileNetV2's warm first call: about 1.9 s less after the trace, 0.7 s
-    more in it, in a slow spell of this machine).
+    trace, which is Python on one core. Measured in a slow spell of this machine (docs/bench.md, round 6): the
+    probes take 1.6 s with inductor's cache warm and 12 s with it empty; MobileNetV2's warm first call went from
+    10.0 to 9.3 s (medians of seven alternating pairs).
     Their results are what inductor would compute itself: a failure is left for inductor to meet again and
     report, and a user's `cpp.vec_isa_ok` (which changes the probes' answer) skips them.
     """
