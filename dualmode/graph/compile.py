@@ -113,6 +113,13 @@ class BackendWarmUp:
         extra = options.get("options") or {}
         cpu = any(isinstance(e, torch.Tensor) and e.device.type == "cpu" for e in examples)
         self.probes = cpu and "cpp.vec_isa_ok" not in extra
+        # What the thread runs is imported here: imports running in two threads at once can deadlock on a
+        # cycle. The probes' build imports cpp_extension (and setuptools with it), even when nothing is built.
+        with contextlib.suppress(Exception):  # a failing import is inductor's to report, when it compiles
+            from torch._inductor import codecache, cpu_vec_isa  # noqa: F401
+
+            if self.probes:
+                from torch.utils import cpp_extension  # noqa: F401
         self.thread = threading.Thread(target=self._run, name="dualmode-inductor-warm-up", daemon=True)
         self.thread.start()
 

@@ -1,5 +1,7 @@
 """Inductor's once-per-process checks run in the background while the step is traced (compile.BackendWarmUp)."""
 
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -71,3 +73,16 @@ def test_the_compile_starts_after_the_warm_up(monkeypatch):
     threading.Timer(0.05, release.set).start()
     assert torch.equal(step(torch.ones(2)), torch.full((2,), 2.0))
     assert order == ["warm-up done", "compile"]
+
+
+def test_the_thread_imports_nothing_in_a_fresh_process():
+    # Imports running in two threads at once can deadlock on a cycle: what the thread runs is imported before.
+    code = ("import sys, torch\n"
+            "from dualmode.graph.compile import BackendWarmUp\n"
+            "warm_up = BackendWarmUp.start({}, [torch.ones(2)])\n"
+            "before = set(sys.modules)\n"
+            "warm_up.wait()\n"
+            "print(sorted(set(sys.modules) - before))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
