@@ -51,12 +51,15 @@ class CompiledStep:
                          else torch._TorchCompileWrapper(backend, mode, extra, dynamic))
         self.fn = None
         self.compile_s = 0.0
+        self.wait_s = 0.0  # for the warm-up, after the trace
         self.warm_up = warm_up
 
     def __call__(self, *inputs):
         if self.fn is None:
             if self.warm_up is not None:
+                start = time.perf_counter()
                 self.warm_up.wait()
+                self.wait_s = time.perf_counter() - start
             examples = [node.meta["val"] for node in self.gm.graph.nodes if node.op == "placeholder"]
             start = time.perf_counter()
             self.fn = self.compiler(self.gm, examples)
@@ -154,16 +157,19 @@ def compiling(recompute: RecomputePass | None):
 
 @dataclass
 class CompileSplit:
-    """The seconds of one first call spent in AOTAutograd and inductor, and the kernels generated."""
+    """The seconds of one first call spent waiting for inductor's per-process checks (BackendWarmUp), in
+    AOTAutograd and in inductor, and the kernels generated."""
 
     aot_s: float = 0.0
     inductor_s: float = 0.0
     kernels: int = 0
+    checks_s: float = 0.0
 
     def __str__(self) -> str:
         kernels = (f"{self.kernels} kernels" if self.kernels
                    else "no kernel generated (inductor's cache, or no inductor)")
-        return f"no dynamo, AOTAutograd {self.aot_s:.2f} s, inductor {self.inductor_s:.2f} s, {kernels}"
+        checks = f"inductor's per-process checks {self.checks_s:.2f} s more, " if self.checks_s >= 0.01 else ""
+        return f"no dynamo, {checks}AOTAutograd {self.aot_s:.2f} s, inductor {self.inductor_s:.2f} s, {kernels}"
 
 
 class CompileTimer:
@@ -173,7 +179,7 @@ class CompileTimer:
         self._length = len(compilation_time_metrics.get(INDUCTOR, ()))
         self._kernels = inductor_metrics.generated_kernel_count
 
-    def split(self, compile_s: float) -> CompileSplit:
+    def split(self, compile_s: float, checks_s: float = 0.0) -> CompileSplit:
         inductor = float(sum(compilation_time_metrics.get(INDUCTOR, [])[self._length:]))
         return CompileSplit(aot_s=max(compile_s - inductor, 0.0), inductor_s=inductor,
-                            kernels=inductor_metrics.generated_kernel_count - self._kernels)
+                            kernels=inductor_metrics.generated_kernel_count - self._kernels, checks_s=checks_s)

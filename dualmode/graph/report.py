@@ -113,7 +113,7 @@ class CompileRecord:
     collectives: str = ""  # under DistributedDataParallel: the traced all-reduces and the gradient buckets
     updates: list[str] = field(default_factory=list)  # how each group's update was compiled (plans.py)
     batch: str = "static"  # how the batch dimension was traced (batch.py)
-    split: object = None  # compile.CompileSplit of the first call: dynamo, AOTAutograd, inductor seconds, kernels
+    split: object = None  # compile.CompileSplit of the first call: seconds of each stage, kernels
 
 
 @dataclass

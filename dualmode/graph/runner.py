@@ -224,7 +224,7 @@ class GraphRunner:
         what = f"{name} ({record.phase}, {record.nodes} ops, {record.inputs} inputs)"
         with CompileProgress(what) as progress, compiling(recompute), eager_random(), torch.no_grad():
             outs = compiled.fn(*inputs)
-            record.split = timer.split(compiled.fn.compile_s)
+            record.split = timer.split(compiled.fn.compile_s, compiled.fn.wait_s)
             progress.summary = f"trace {record.trace_s:.2f} s, {record.split}"
         record.first_call_s = time.perf_counter() - start
         if recompute is not None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch._inductor import codecache, cpu_vec_isa
 
-from dualmode.graph.compile import BackendWarmUp, CompiledStep
+from dualmode.graph.compile import BackendWarmUp, CompiledStep, CompileSplit
 
 
 @pytest.fixture
@@ -73,6 +73,10 @@ def test_the_compile_starts_after_the_warm_up(monkeypatch):
     threading.Timer(0.05, release.set).start()
     assert torch.equal(step(torch.ones(2)), torch.full((2,), 2.0))
     assert order == ["warm-up done", "compile"]
+    assert step.wait_s > 0.0  # explain() shows it, after the trace
+    shown = str(CompileSplit(aot_s=1.0, inductor_s=2.0, kernels=3, checks_s=step.wait_s + 0.01))
+    assert shown.startswith("no dynamo, inductor's per-process checks 0.") and "s more, AOTAutograd 1.00 s" in shown
+    assert "checks" not in str(CompileSplit(checks_s=0.001))
 
 
 def test_the_thread_imports_nothing_in_a_fresh_process():
