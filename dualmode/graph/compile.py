@@ -6,8 +6,8 @@ carries over. Dynamo is not involved: re-tracing a graph make_fx already traced 
 its cold first call and its guards about 0.8 ms per call, and what those guards checked is graph mode's own
 cache key (fastpath.py, inputs.py) and the layout check of optimizer state and gradients (fetch.py). The
 backend compiles on the first call, under inductor's recompute pass (remat.py); a CPU step with inductor's C++
-wrapper (`with_cpp_wrapper`). Inductor's once-per-process checks run while the step is traced
-(`BackendWarmUp`).
+wrapper (`with_cpp_wrapper`). Inductor's once-per-process checks run while the step is traced (warm_up.py);
+the compile waits for them.
 
 Where the time goes: the backend call is timed here; inductor's own compile timer
 (`torch._dynamo.utils.compilation_time_metrics["compile_fx_inner"]`, kept for the whole process) and kernel
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from torch._inductor import config as inductor_config
 from torch._inductor import metrics as inductor_metrics
 
 from dualmode.graph.remat import RecomputePass, installed
+from dualmode.graph.warm_up import BackendWarmUp
 
 INDUCTOR = "compile_fx_inner"
 
@@ -96,51 +96,6 @@ def with_cpp_wrapper(gm: torch.fx.GraphModule, extra: dict | None) -> dict | Non
 def compile_step(gm: torch.fx.GraphModule, options: dict, warm_up: BackendWarmUp | None = None) -> CompiledStep:
     """The compiled step of one traced graph (compiled at its first call, once `warm_up` is done)."""
     return CompiledStep(gm, options, warm_up)
-
-
-class BackendWarmUp:
-    """Inductor's once-per-process checks, run in a background thread while the step is traced.
-
-    Whatever it compiles or loads from its cache, inductor's first CPU compile in a process builds and loads a
-    probe library for each vector instruction set the CPU reports, each load in a Python subprocess
-    (`cpu_vec_isa.pick_vec_isa`), and hashes torch's own sources for its cache keys (`codecache.torch_key`).
-    Both are cached for the process and mostly wait on gcc, subprocesses and files, so they overlap with the
-    trace, which is Python on one core. Measured in a slow spell of this machine (docs/bench.md, round 6): the
-    probes take 1.6 s with inductor's cache warm and 12 s with it empty; MobileNetV2's warm first call went from
-    10.0 to 9.3 s (medians of seven alternating pairs).
-    Their results are what inductor would compute itself: a failure is left for inductor to meet again and
-    report, and a user's `cpp.vec_isa_ok` (which changes the probes' answer) skips them.
-    """
-
-    def __init__(self, options: dict, examples: list):
-        extra = options.get("options") or {}
-        cpu = any(isinstance(e, torch.Tensor) and e.device.type == "cpu" for e in examples)
-        self.probes = cpu and "cpp.vec_isa_ok" not in extra
-        # What the thread runs is imported here: imports running in two threads at once can deadlock on a
-        # cycle. The probes' build imports cpp_extension (and setuptools with it), even when nothing is built.
-        with contextlib.suppress(Exception):  # a failing import is inductor's to report, when it compiles
-            from torch._inductor import codecache, cpu_vec_isa  # noqa: F401
-
-            if self.probes:
-                from torch.utils import cpp_extension  # noqa: F401
-        self.thread = threading.Thread(target=self._run, name="dualmode-inductor-warm-up", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        with contextlib.suppress(Exception):
-            from torch._inductor import codecache, cpu_vec_isa
-
-            if self.probes:
-                cpu_vec_isa.pick_vec_isa()
-            codecache.torch_key()
-
-    def wait(self) -> None:
-        self.thread.join()
-
-    @staticmethod
-    def start(options: dict, examples: list) -> BackendWarmUp | None:
-        """The warm-up for a step compiled with inductor, else None."""
-        return BackendWarmUp(options, examples) if options.get("backend", "inductor") == "inductor" else None
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_unflatten
 
 from dualmode.graph import collectives, diagnose, guards, refusals
 from dualmode.graph.batch import BatchDims, BatchGuard, fake_examples
-from dualmode.graph.compile import BackendWarmUp, CompileTimer, compile_step, compiling
+from dualmode.graph.compile import CompileTimer, compile_step, compiling
 from dualmode.graph.fastpath import LastCall
 from dualmode.graph.fetch import FetchPlan
 from dualmode.graph.inputs import StepCall
@@ -37,6 +37,7 @@ from dualmode.graph.randomness import eager_random
 from dualmode.graph.remat import RecomputePass
 from dualmode.graph.report import FIRST, CompileRecord, RecompileLimitError, RecompileWarning
 from dualmode.graph.trace import StepTracer, trace_step
+from dualmode.graph.warm_up import BackendWarmUp
 from dualmode.step import finite
 from dualmode.step.outputs import loss_of
 from dualmode.step.view import OWN_ATTRIBUTES, StepView

@@ -1,4 +1,4 @@
-"""Inductor's once-per-process checks run in the background while the step is traced (compile.BackendWarmUp)."""
+"""Inductor's once-per-process checks run in the background while the step is traced (graph/warm_up.py)."""
 
 import subprocess
 import sys
@@ -8,12 +8,15 @@ import pytest
 import torch
 from torch._inductor import codecache, cpu_vec_isa
 
-from dualmode.graph.compile import BackendWarmUp, CompiledStep, CompileSplit
+from dualmode.graph import warm_up as warm_up_module
+from dualmode.graph.compile import CompiledStep, CompileSplit
+from dualmode.graph.warm_up import BackendWarmUp
 
 
 @pytest.fixture
 def calls(monkeypatch):
     seen = []
+    monkeypatch.setattr(warm_up_module, "candidate_isas", lambda: [])
     monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", lambda: seen.append("vec_isa"))
     monkeypatch.setattr(codecache, "torch_key", lambda: seen.append("torch_key"))
     return seen
@@ -28,9 +31,9 @@ def finished(warm_up: BackendWarmUp | None) -> BackendWarmUp | None:
 def test_a_cpu_step_for_inductor_probes_the_vector_isa_and_hashes_torch_in_the_background(calls):
     warm_up = finished(BackendWarmUp.start({"backend": "inductor"}, [torch.ones(2), 0.1]))
     assert warm_up.thread.name == "dualmode-inductor-warm-up" and not warm_up.thread.is_alive()
-    assert calls == ["vec_isa", "torch_key"]
+    assert calls == ["torch_key", "vec_isa"]
     finished(BackendWarmUp.start({}, [torch.ones(2)]))  # inductor is the default backend
-    assert calls == ["vec_isa", "torch_key"] * 2
+    assert calls == ["torch_key", "vec_isa"] * 2
 
 
 def test_another_backend_gets_none(calls):
@@ -51,7 +54,7 @@ def test_a_failing_check_is_left_for_inductor_to_report(monkeypatch, calls):
 
     monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", broken)
     finished(BackendWarmUp.start({}, [torch.ones(2)]))  # no exception here, nothing cached
-    assert calls == []
+    assert calls == ["torch_key"]
 
 
 def test_the_compile_starts_after_the_warm_up(monkeypatch):
@@ -82,7 +85,7 @@ def test_the_compile_starts_after_the_warm_up(monkeypatch):
 def test_the_thread_imports_nothing_in_a_fresh_process():
     # Imports running in two threads at once can deadlock on a cycle: what the thread runs is imported before.
     code = ("import sys, torch\n"
-            "from dualmode.graph.compile import BackendWarmUp\n"
+            "from dualmode.graph.warm_up import BackendWarmUp\n"
             "warm_up = BackendWarmUp.start({}, [torch.ones(2)])\n"
             "before = set(sys.modules)\n"
             "warm_up.wait()\n"
@@ -90,3 +93,37 @@ def test_the_thread_imports_nothing_in_a_fresh_process():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+class FakeIsa:
+    """An instruction set whose probe only returns once the other one's has started."""
+
+    def __init__(self, name: str, both_probing: threading.Barrier):
+        self.name, self.both_probing = name, both_probing
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __bool__(self) -> bool:
+        self.both_probing.wait()  # raises BrokenBarrierError after its timeout if the probes ran one by one
+        return True
+
+
+def test_the_probes_run_one_thread_per_instruction_set_before_inductor_picks_from_their_answers(monkeypatch):
+    both = threading.Barrier(2, timeout=10)
+    isas = [FakeIsa("avx512", both), FakeIsa("avx2", both), FakeIsa("neon", both)]
+    monkeypatch.setattr(cpu_vec_isa, "supported_vec_isa_list", isas)
+    monkeypatch.setattr(cpu_vec_isa, "x86_isa_checker", lambda: ["avx2", "avx512", "sse"])  # no neon
+    monkeypatch.setattr(warm_up_module.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(warm_up_module.sys, "platform", "linux")
+    assert warm_up_module.candidate_isas() == isas[:2]
+    picked = []
+    monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", lambda: picked.append(both.broken))
+    monkeypatch.setattr(codecache, "torch_key", lambda: None)
+    finished(BackendWarmUp.start({}, [torch.ones(2)]))
+    assert picked == [False]  # both probes met at the barrier, and inductor's pick came after them
+
+
+def test_no_candidates_off_x86(monkeypatch):
+    monkeypatch.setattr(warm_up_module.platform, "machine", lambda: "aarch64")
+    assert warm_up_module.candidate_isas() == []  # inductor's own sequential probe runs there
