@@ -33,26 +33,33 @@ class BackendWarmUp:
         self.probes = cpu and "cpp.vec_isa_ok" not in extra
         # What the threads run is imported here: imports running in two threads at once can deadlock on a
         # cycle. The probes' build imports cpp_extension (and setuptools with it), even when nothing is built.
+        self.isas, self.ready = [], False
         with contextlib.suppress(Exception):  # a failing import is inductor's to report, when it compiles
             from torch._inductor import codecache, cpu_vec_isa  # noqa: F401
 
             if self.probes:
                 from torch.utils import cpp_extension  # noqa: F401
+
+                self.isas = candidate_isas()
+            self.ready = True
         self.thread = threading.Thread(target=self._run, name="dualmode-inductor-warm-up", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        with contextlib.suppress(Exception):
-            from torch._inductor import codecache, cpu_vec_isa
+        if not self.ready:
+            return
+        from torch._inductor import codecache, cpu_vec_isa
 
-            probes = [threading.Thread(target=_probe, args=(isa,), name=f"dualmode-probe-{isa}", daemon=True)
-                      for isa in (candidate_isas() if self.probes else [])]
-            for probe in probes:
-                probe.start()
+        probes = [threading.Thread(target=_probe, args=(isa,), name=f"dualmode-probe-{isa}", daemon=True)
+                  for isa in self.isas]
+        for probe in probes:
+            probe.start()
+        with contextlib.suppress(Exception):
             codecache.torch_key()
-            for probe in probes:
-                probe.join()
-            if self.probes:
+        for probe in probes:  # all done before inductor's pick, and before wait() returns
+            probe.join()
+        if self.probes:
+            with contextlib.suppress(Exception):
                 cpu_vec_isa.pick_vec_isa()  # now from the probes' cached answers
 
     def wait(self) -> None:

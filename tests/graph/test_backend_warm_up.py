@@ -109,7 +109,9 @@ class FakeIsa:
         return True
 
 
-def test_the_probes_run_one_thread_per_instruction_set_before_inductor_picks_from_their_answers(monkeypatch):
+@pytest.mark.parametrize("hash_fails", [False, True])
+def test_the_probes_run_one_thread_per_instruction_set_before_inductor_picks_from_their_answers(monkeypatch,
+                                                                                               hash_fails):
     both = threading.Barrier(2, timeout=10)
     isas = [FakeIsa("avx512", both), FakeIsa("avx2", both), FakeIsa("neon", both)]
     monkeypatch.setattr(cpu_vec_isa, "supported_vec_isa_list", isas)
@@ -119,7 +121,7 @@ def test_the_probes_run_one_thread_per_instruction_set_before_inductor_picks_fro
     assert warm_up_module.candidate_isas() == isas[:2]
     picked = []
     monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", lambda: picked.append(both.broken))
-    monkeypatch.setattr(codecache, "torch_key", lambda: None)
+    monkeypatch.setattr(codecache, "torch_key", (lambda: 1 / 0) if hash_fails else (lambda: None))
     finished(BackendWarmUp.start({}, [torch.ones(2)]))
     assert picked == [False]  # both probes met at the barrier, and inductor's pick came after them
 
