@@ -6,8 +6,8 @@ carries over. Dynamo is not involved: re-tracing a graph make_fx already traced 
 its cold first call and its guards about 0.8 ms per call, and what those guards checked is graph mode's own
 cache key (fastpath.py, inputs.py) and the layout check of optimizer state and gradients (fetch.py). The
 backend compiles on the first call, under inductor's recompute pass (remat.py); a CPU step with inductor's C++
-wrapper (`with_cpp_wrapper`). Inductor's once-per-process checks run while the step is traced (warm_up.py);
-the compile waits for them.
+wrapper, its wrapper and kernels compiled at the same time (`with_cpp_wrapper`, parallel_build.py).
+Inductor's once-per-process checks run while the step is traced (warm_up.py); the compile waits for them.
 
 Where the time goes: the backend call is timed here; inductor's own compile timer
 (`torch._dynamo.utils.compilation_time_metrics["compile_fx_inner"]`, kept for the whole process) and kernel
@@ -26,6 +26,7 @@ from torch._dynamo.utils import compilation_time_metrics
 from torch._inductor import config as inductor_config
 from torch._inductor import metrics as inductor_metrics
 
+from dualmode.graph.parallel_build import parallel_builds
 from dualmode.graph.remat import RecomputePass, installed
 from dualmode.graph.warm_up import BackendWarmUp
 
@@ -69,19 +70,23 @@ class CompiledStep:
 
 
 # Inductor's options for a CPU step (with_cpp_wrapper), and the environment variables that set them.
-CPU_BUILD = {"cpp_wrapper": True, "cpp_cache_precompile_headers": False}
-CPU_BUILD_ENV = ("TORCHINDUCTOR_CPP_WRAPPER", "TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS")
+CPU_BUILD = {"cpp_wrapper": True, "cpp_cache_precompile_headers": False, "cpp_wrapper_build_separate": True}
+CPU_BUILD_ENV = ("TORCHINDUCTOR_CPP_WRAPPER", "TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS",
+                 "TORCHINDUCTOR_CPP_WRAPPER_BUILD_SEPARATE")
 
 
 def with_cpp_wrapper(gm: torch.fx.GraphModule, extra: dict | None) -> dict | None:
-    """Inductor's options for a step whose tensors are all on the CPU: its C++ wrapper, without a precompiled
-    header, unless the user chose either.
+    """Inductor's options for a step whose tensors are all on the CPU: its C++ wrapper, built apart from the
+    kernels and without a precompiled header, unless the user chose any of the three.
 
     By default inductor builds each CPU kernel as a shared library of its own, one gcc call each (0.64 s at
     least): MobileNetV2's step took 84 builds and 76 s of gcc, one at a time. With the C++ wrapper the
-    kernels and the wrapper are one library, one gcc call: 28 s, plus 4 s for the precompiled header, which one
-    translation unit does not need (26.5 s without it). Either key in compile_options["options"], or either
-    environment variable, and inductor's own settings stand.
+    kernels and the wrapper are one library: one gcc call of 26.5 s without the precompiled header, which one
+    translation unit does not need (4 s more with it). Built apart (`cpp_wrapper_build_separate`), the wrapper,
+    one long function, compiles at -O1 instead of -O3 (MobileNetV2: 10 s, kernels 16 s, against 45 s as one
+    -O3 build, in a slow spell) and the kernels in pieces at the same time (parallel_build.py). Any of the
+    keys in compile_options["options"], or any of the environment variables, and inductor's own settings
+    stand.
     """
     chosen = any(key in (extra or {}) for key in CPU_BUILD) or any(name in os.environ for name in CPU_BUILD_ENV)
     if chosen:
@@ -106,7 +111,7 @@ def compiling(recompute: RecomputePass | None):
     (the cache key, the steady-state check, the layout check of optimizer state and gradients), and the asserts
     cost about 0.5 us per input and call (a 4-block MLP: 38). `size_asserts` in compile_options["options"] wins.
     """
-    with installed(recompute), inductor_config.patch(size_asserts=False):
+    with installed(recompute), inductor_config.patch(size_asserts=False), parallel_builds():
         yield
 
 

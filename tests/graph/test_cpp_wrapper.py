@@ -18,16 +18,16 @@ def no_env(monkeypatch):
 
 
 def test_a_cpu_step_gets_the_cpp_wrapper_and_keeps_the_other_options():
-    both = {"cpp_wrapper": True, "cpp_cache_precompile_headers": False}
-    assert CPU_BUILD == both and with_cpp_wrapper(traced("cpu"), None) == both
+    three = {"cpp_wrapper": True, "cpp_cache_precompile_headers": False, "cpp_wrapper_build_separate": True}
+    assert CPU_BUILD == three and with_cpp_wrapper(traced("cpu"), None) == three
     extra = {"max_autotune": False}
-    assert with_cpp_wrapper(traced("cpu"), extra) == {"max_autotune": False, **both}
+    assert with_cpp_wrapper(traced("cpu"), extra) == {"max_autotune": False, **three}
     assert extra == {"max_autotune": False}  # the user's dict is not changed
 
 
 @pytest.mark.parametrize("key", sorted(CPU_BUILD))
 @pytest.mark.parametrize("choice", [False, True])
-def test_the_users_own_choice_of_either_wins(key, choice):
+def test_the_users_own_choice_of_any_wins(key, choice):
     assert with_cpp_wrapper(traced("cpu"), {key: choice}) == {key: choice}
 
 
