@@ -64,18 +64,24 @@ class EarlyBuilds:
 
     def __init__(self, workers: int, run_builder):
         self.run_builder = run_builder
-        # One gcc fewer than the cores: inductor's Python keeps one.
+        # One gcc fewer than the compile threads: inductor's Python keeps one core.
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers - 1), thread_name_prefix="dualmode-early-gcc")
         self.pending: dict[int, list[str]] = {}
         self.runs: dict[int, list[Run]] = {}
         self.directory: str | None = None
         self.option = None
+        self.failed = False
 
     def add(self, wrapper: CppWrapperCpu, body: str) -> None:
+        if self.failed:
+            return
         texts = self.pending.setdefault(id(wrapper), [])
         texts.append(as_declared(body))
         if sum(map(len, texts)) >= RUN_SIZE:
-            self._start(id(wrapper), "".join(texts))
+            try:
+                self._start(id(wrapper), "".join(texts))
+            except Exception:  # no more runs: the build at the end compiles what they would have
+                self.failed = True
             texts.clear()
 
     def _start(self, wrapper: int, text: str) -> None:
@@ -135,9 +141,10 @@ def active() -> EarlyBuilds | None:
 
 @contextlib.contextmanager
 def early_builds(workers: int, run_builder):
-    """Kernels compiled as inductor generates them (by `run_builder`), for the duration of one compile."""
+    """Kernels compiled as inductor generates them (by `run_builder`), for the duration of one compile; not with a
+    single compile thread, which leaves no core to compile on meanwhile."""
     global _active
-    if _active is not None or CppWrapperCpu.define_kernel is not _inherited:
+    if workers < 2 or _active is not None or CppWrapperCpu.define_kernel is not _inherited:
         yield
         return
     _active = EarlyBuilds(workers, run_builder)

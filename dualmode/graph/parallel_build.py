@@ -55,8 +55,9 @@ def workers() -> int:
 
 def kernel_pieces(threads: int) -> int:
     """How many pieces the kernels are cut into for `threads` gcc processes at once. The wrapper takes about as
-    long as two thirds of MobileNetV2's kernels, so 2 threads build it and 3 pieces in about the time of the
-    longest of the two lanes (17 s against 20 s for 2 pieces, by the figures above); one thread, one piece."""
+    long as two thirds of MobileNetV2's kernels, so with 2 threads the wrapper and 3 pieces share the two lanes
+    better than the wrapper and 2 pieces (about 17 against 19 s by the figures above: an estimate, not a
+    measurement); one thread, one piece."""
     return 1 if threads < 2 else 2 * threads - 1
 
 

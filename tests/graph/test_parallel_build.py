@@ -141,6 +141,12 @@ def test_only_graph_modes_compile_gets_the_parallel_build():
     assert early_build.active() is None
 
 
+def test_one_compile_thread_compiles_nothing_while_inductor_generates(monkeypatch):
+    monkeypatch.setattr(parallel_build, "workers", lambda: 1)
+    with parallel_builds():
+        assert codecache._worker_compile_cpp is build and early_build.active() is None
+
+
 def graph_and_eager_with_inductor():
     """A tiny step compiled from an empty inductor cache; the graph step's code and both modes' final state."""
     from torch._inductor.utils import fresh_cache, run_and_get_code
@@ -189,3 +195,16 @@ def test_kernels_compiled_while_inductor_generates_are_linked_in(small_pieces, m
     (started, (runs, rest), directory), = seen
     assert started == len(runs) > 1 and not rest.strip()  # every kernel's run is in the library
     assert not os.path.exists(directory)  # the runs' files are gone after the compile
+
+
+def test_a_run_that_cannot_start_leaves_the_kernels_to_the_build_at_the_end(monkeypatch):
+    def broken():
+        raise RuntimeError("no vector ISA")
+
+    monkeypatch.setattr(early_build, "RUN_SIZE", 1)
+    monkeypatch.setattr(early_build, "kernels_build_option", broken)
+    early = early_build.EarlyBuilds(2, lambda builder: None)
+    early.add(object(), kernel("a", 1))
+    early.add(object(), kernel("b", 2))
+    assert early.failed and not early.runs and early.take(kernel("a", 1), None) is None
+    early.close()
