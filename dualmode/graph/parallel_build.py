@@ -13,7 +13,8 @@ the prefix header, about 2.5 s.
 
 `parallel_builds()` puts `build` in place of inductor's `codecache._worker_compile_cpp` while graph mode
 compiles. Any other build (inductor's per-kernel libraries, or anything this module does not recognise) goes to
-inductor's own function unchanged.
+inductor's own function unchanged; a build from pieces that fails is done again as inductor does it, with a
+warning in the log, so that only a real compile error is raised, as inductor raises it.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from torch._inductor import codecache, config, cpp_builder
+from torch._inductor.exc import CppCompileError
 
 from dualmode.graph.early_build import active, early_builds
+from dualmode.graph.progress import LOGGER
 
 KERNEL_START = "#include <torch/csrc/inductor/cpp_prefix.h>\n"
 # The least source a piece is cut for: each piece re-reads the prefix header (about 2.5 s), and gcc compiled
@@ -114,7 +117,8 @@ def _split_builds(wrapper, kernels, linker) -> tuple[list, list, object] | None:
 
 
 def build(lock_path: str, cpp_builders) -> None:
-    """Inductor's `_worker_compile_cpp`, with the wrapper and the kernel pieces compiled at once."""
+    """Inductor's `_worker_compile_cpp`, with the wrapper and the kernel pieces compiled at once. If that fails
+    (a kernel that needs another's code, say), the library is built as inductor builds it, whose error stands."""
     if len(cpp_builders) != 3:
         return _original(lock_path, cpp_builders)
     from torch.utils._filelock import FileLock
@@ -123,16 +127,21 @@ def build(lock_path: str, cpp_builders) -> None:
         if os.path.exists(cpp_builders[-1].get_target_file_path()):
             return None
         split = _split_builds(*cpp_builders)
-        if split is None:  # as inductor builds them
-            for builder in cpp_builders:
-                if not os.path.exists(builder.get_target_file_path()):
-                    builder.build()
-            return None
-        builders, compiled, linker = split
-        with ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="dualmode-gcc") as pool:
-            for done in compiled + [pool.submit(_run, builder) for builder in builders]:
-                done.result()  # the first failure, with gcc's output (CppCompileError)
-        _run(linker)
+        if split is not None:
+            builders, compiled, linker = split
+            try:
+                with ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="dualmode-gcc") as pool:
+                    for done in compiled + [pool.submit(_run, builder) for builder in builders]:
+                        done.result()  # the first failure, with gcc's output
+                _run(linker)
+                return None
+            except CppCompileError as error:
+                LOGGER.warning("graph mode: building the step's library from %d objects at once failed, so it is "
+                               "built as inductor builds it: %s", len(builders) + len(compiled),
+                               str(error).splitlines()[0][:300])
+        for builder in cpp_builders:  # as inductor builds them
+            if not os.path.exists(builder.get_target_file_path()):
+                builder.build()
     return None
 
 

@@ -81,11 +81,22 @@ def test_the_pieces_and_the_wrapper_link_into_a_library_that_works(tmp_path, sma
 
 
 @pytest.mark.inductor
-def test_a_piece_that_fails_raises_gccs_error_and_leaves_no_library(tmp_path, small_pieces):
+def test_a_piece_that_fails_raises_gccs_error_and_leaves_no_library(tmp_path, small_pieces, caplog):
     triple = builders(tmp_path, kernel("k0", 1) + KERNEL_START + "this is not C++\n", WRAPPER)
-    with pytest.raises(CppCompileError, match="this is not C"):
+    with pytest.raises(CppCompileError, match="this is not C"):  # inductor's own build of it, after the pieces'
         build(str(tmp_path / "lock"), triple)
     assert not os.path.exists(triple[2].get_target_file_path())
+    assert "built as inductor builds it" in caplog.text
+
+
+@pytest.mark.inductor
+def test_kernels_that_cannot_be_built_apart_are_built_as_inductor_builds_them(tmp_path, small_pieces, caplog):
+    shared = KERNEL_START + 'static int helper() { return 1; }\nextern "C" int k0() { return helper(); }\n'
+    uses = KERNEL_START + 'extern "C" int k1() { return helper() + 1; }\n'  # helper() is in another piece
+    triple = builders(tmp_path, shared + uses + kernel("k2", 3), WRAPPER)
+    build(str(tmp_path / "lock"), triple)
+    assert ctypes.CDLL(triple[2].get_target_file_path()).entry() == 321
+    assert "built as inductor builds it" in caplog.text
 
 
 def test_other_builds_go_to_inductor(tmp_path, monkeypatch):
