@@ -145,14 +145,14 @@ def build(lock_path: str, cpp_builders) -> None:
     return None
 
 
-_original = codecache._worker_compile_cpp
+_original = getattr(codecache, "_worker_compile_cpp", None)  # torch 2.13's; None: inductor builds as it does
 
 
 @contextlib.contextmanager
 def parallel_builds():
     """`build` in place of inductor's `_worker_compile_cpp` (module-level: load_async looks it up at each call),
     with kernels compiled as they are generated (early_build.py)."""
-    if codecache._worker_compile_cpp is not _original:  # already in place (a nested compile), or not ours to touch
+    if _original is None or codecache._worker_compile_cpp is not _original:  # nested, or not ours to touch
         yield
         return
     codecache._worker_compile_cpp = build
