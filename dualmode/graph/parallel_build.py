@@ -127,22 +127,23 @@ def build(lock_path: str, cpp_builders) -> None:
         if os.path.exists(cpp_builders[-1].get_target_file_path()):
             return None
         split = _split_builds(*cpp_builders)
-        if split is not None:
-            builders, compiled, linker = split
-            try:
-                with ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="dualmode-gcc") as pool:
-                    for done in compiled + [pool.submit(_run, builder) for builder in builders]:
-                        done.result()  # the first failure, with gcc's output
-                _run(linker)
-                return None
-            except CppCompileError as error:
-                LOGGER.warning("graph mode: building the step's library from %d objects at once failed, so it is "
-                               "built as inductor builds it: %s", len(builders) + len(compiled),
-                               str(error).splitlines()[0][:300])
-        for builder in cpp_builders:  # as inductor builds them
-            if not os.path.exists(builder.get_target_file_path()):
-                builder.build()
-    return None
+        if split is not None and _built(*split):
+            return None
+    return _original(lock_path, cpp_builders)  # it takes the lock itself, and skips what exists already
+
+
+def _built(builders: list, compiled: list, linker) -> bool:
+    """Whether the objects still to build, the ones compiled already and the link all succeeded."""
+    try:
+        with ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="dualmode-gcc") as pool:
+            for done in compiled + [pool.submit(_run, builder) for builder in builders]:
+                done.result()  # the first failure, with gcc's output
+        _run(linker)
+        return True
+    except CppCompileError as error:
+        LOGGER.warning("graph mode: building the step's library from %d objects at once failed, so it is built as "
+                       "inductor builds it: %s", len(builders) + len(compiled), str(error).splitlines()[0][:300])
+        return False
 
 
 _original = getattr(codecache, "_worker_compile_cpp", None)  # torch 2.13's; None: inductor builds as it does
