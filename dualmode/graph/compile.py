@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from torch._dynamo.utils import compilation_time_metrics
+from torch._functorch import config as functorch_config
 from torch._inductor import config as inductor_config
 from torch._inductor import metrics as inductor_metrics
 
@@ -110,8 +111,12 @@ def compiling(recompute: RecomputePass | None):
     Inductor's input size and stride asserts are off: every input's layout is checked before each call already
     (the cache key, the steady-state check, the layout check of optimizer state and gradients), and the asserts
     cost about 0.5 us per input and call (a 4-block MLP: 38). `size_asserts` in compile_options["options"] wins.
+    AOTAutograd's cache key reads the traced module's placeholder names as they are: it renames them only to
+    match graphs dynamo named differently, and make_fx names them alike every time; the renaming recompiled the
+    module twice (MobileNetV2: about 0.2 s of each first call, warm or cold).
     """
-    with installed(recompute), inductor_config.patch(size_asserts=False), parallel_builds():
+    with installed(recompute), inductor_config.patch(size_asserts=False), parallel_builds(), \
+            functorch_config.patch(autograd_cache_normalize_inputs=False):
         yield
 
 

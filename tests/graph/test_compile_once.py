@@ -132,6 +132,32 @@ def test_short_last_batch_with_inductor_matches_eager():
     assert_matches_eager(Step, batches, step, losses)
 
 
+@pytest.mark.inductor
+def test_the_same_step_compiled_again_is_a_hit_in_aotautograds_cache():
+    # What makes a warm first call cheap: AOTAutograd's cache returns the compiled graph without tracing it again.
+    # Its key pickles the traced module (compile.py drops make_fx's ShapeEnv, which it cannot pickle) and, with
+    # compile.compiling's setting, reads the placeholder names as they are instead of renaming them.
+    options = {"backend": "inductor", "mode": None, "dynamic": False, "options": None}
+    hits = torch._dynamo.utils.counters["aot_autograd"]
+    run(Step, "graph", loader([16]), compile_options=options)
+    before = hits["autograd_cache_hit"]
+    step, losses = run(Step, "graph", loader([16, 7]), compile_options=options)
+    assert hits["autograd_cache_hit"] == before + 1 and step.compile_count == 1
+    assert_matches_eager(Step, loader([16, 7]), step, losses)
+
+
+def test_the_compile_settings_hold_for_the_compile_only():
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    from dualmode.graph.compile import compiling
+
+    before = (inductor_config.size_asserts, functorch_config.autograd_cache_normalize_inputs)
+    with compiling(None):
+        assert not inductor_config.size_asserts and not functorch_config.autograd_cache_normalize_inputs
+    assert (inductor_config.size_asserts, functorch_config.autograd_cache_normalize_inputs) == before
+
+
 @pytest.mark.parametrize("optimizer", [
     lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, dampening=0.1),
     lambda g: torch.optim.Adam(g, lr=1e-2),
