@@ -32,6 +32,7 @@ from dualmode.graph.remat import RecomputePass, installed
 from dualmode.graph.warm_up import BackendWarmUp
 
 INDUCTOR = "compile_fx_inner"
+FUSION_PAIRS = 8  # fusion candidates per node and shared buffer (compiling)
 
 
 class CompiledStep:
@@ -110,14 +111,25 @@ def compiling(recompute: RecomputePass | None):
 
     Inductor's input size and stride asserts are off: every input's layout is checked before each call already
     (the cache key, the steady-state check, the layout check of optimizer state and gradients), and the asserts
-    cost about 0.5 us per input and call (a 4-block MLP: 38). `size_asserts` in compile_options["options"] wins.
+    cost about 0.5 us per input and call (a 4-block MLP: 38).
     AOTAutograd's cache key reads the traced module's placeholder names as they are: it renames them only to
     match graphs dynamo named differently, and make_fx names them alike every time; the renaming recompiled the
     module twice (MobileNetV2: about 0.2 s of each first call, warm or cold).
+
+    Inductor's fusion search pairs each node with at most FUSION_PAIRS (inductor: 64) of the later nodes that read
+    a buffer it reads. Every parameter's update reads its group's lr and other scalars, so with inductor's 64 each
+    update node was checked against 64 others in every fusion round: MobileNetV2's scheduler took 14.5 to 14.8 s
+    (4.0 s for the same step without its update); with 8, 8.9 to 9.5 s, the same 690 kernels, the same step time.
     """
-    with installed(recompute), inductor_config.patch(size_asserts=False), parallel_builds(), \
+    with installed(recompute), inductor_config.patch(COMPILE_SETTINGS), parallel_builds(), \
             functorch_config.patch(autograd_cache_normalize_inputs=False):
         yield
+
+
+# Inductor's settings while graph mode compiles (compiling), those this torch has; compile_options["options"] win.
+COMPILE_SETTINGS = {key: value for key, value in (("size_asserts", False),
+                                                  ("max_fusion_buffer_group_pairwise_attempts", FUSION_PAIRS))
+                    if hasattr(inductor_config, key)}
 
 
 @dataclass

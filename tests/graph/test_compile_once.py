@@ -152,10 +152,16 @@ def test_the_compile_settings_hold_for_the_compile_only():
 
     from dualmode.graph.compile import compiling
 
-    before = (inductor_config.size_asserts, functorch_config.autograd_cache_normalize_inputs)
+    def settings():
+        return (inductor_config.size_asserts, inductor_config.max_fusion_buffer_group_pairwise_attempts,
+                functorch_config.autograd_cache_normalize_inputs)
+
+    before = settings()
     with compiling(None):
-        assert not inductor_config.size_asserts and not functorch_config.autograd_cache_normalize_inputs
-    assert (inductor_config.size_asserts, functorch_config.autograd_cache_normalize_inputs) == before
+        assert settings() == (False, 8, False)
+        with inductor_config.patch(max_fusion_buffer_group_pairwise_attempts=64):  # as compile_options["options"]
+            assert inductor_config.max_fusion_buffer_group_pairwise_attempts == 64
+    assert settings() == before
 
 
 @pytest.mark.parametrize("optimizer", [
