@@ -122,14 +122,19 @@ def compiling(recompute: RecomputePass | None):
     (4.0 s for the same step without its update); with 8, 8.9 to 9.5 s, the same 690 kernels, the same step time.
     """
     with installed(recompute), inductor_config.patch(COMPILE_SETTINGS), parallel_builds(), \
-            functorch_config.patch(autograd_cache_normalize_inputs=False):
+            functorch_config.patch(AOT_SETTINGS):
         yield
 
 
-# Inductor's settings while graph mode compiles (compiling), those this torch has; compile_options["options"] win.
-COMPILE_SETTINGS = {key: value for key, value in (("size_asserts", False),
-                                                  ("max_fusion_buffer_group_pairwise_attempts", FUSION_PAIRS))
-                    if hasattr(inductor_config, key)}
+def _known(config, settings: tuple) -> dict:
+    """The settings this torch's config module has (an older torch may lack some)."""
+    return {key: value for key, value in settings if hasattr(config, key)}
+
+
+# Inductor's and AOTAutograd's settings while graph mode compiles (compiling); compile_options["options"] win.
+COMPILE_SETTINGS = _known(inductor_config, (("size_asserts", False),
+                                            ("max_fusion_buffer_group_pairwise_attempts", FUSION_PAIRS)))
+AOT_SETTINGS = _known(functorch_config, (("autograd_cache_normalize_inputs", False),))
 
 
 @dataclass
