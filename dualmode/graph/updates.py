@@ -137,9 +137,10 @@ def _adam_update(ps, gs, states, h, lr, flags):
     exp_avg_sqs = torch._foreach_add(torch._foreach_mul([s["exp_avg_sq"] for s in states], beta2), squares)
     new_states = [{"step": t, "exp_avg": a, "exp_avg_sq": q}
                   for t, a, q in zip(steps.unbind(), exp_avgs, exp_avg_sqs)]
-    steps64 = steps.to(torch.float64)
-    step_sizes = (lr / (1 - beta1**steps64)).unbind()
-    bias_corrections2_sqrt = (1 - beta2**steps64).sqrt().unbind()
+    # torch raises beta to the step as a Python number, in beta's dtype: float64 for a float, a tensor's own dtype
+    # (float32 betas of a float64 model: float32 bias corrections, as torch computes them)
+    step_sizes = (lr / (1 - beta1 ** steps.to(beta1.dtype))).unbind()
+    bias_corrections2_sqrt = (1 - beta2 ** steps.to(beta2.dtype)).sqrt().unbind()
     second = exp_avg_sqs
     if amsgrad:
         second = torch._foreach_maximum([s["max_exp_avg_sq"] for s in states], exp_avg_sqs)
