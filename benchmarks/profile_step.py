@@ -7,11 +7,9 @@
    the whole compiled region (with AOTAutograd's runtime wrappers), and in dynamo's guards.
 3. Minor page faults per step in each mode: memory that glibc's allocator gave back to the OS after one step
    and that the next step touches again.
-4. With --direct-backend: the same traced GraphModule compiled without dynamo, by calling inductor on it
-   directly (`compile_fx(gm, inputs)`), against `torch.compile(gm)` as graph mode does it: time per call.
-5. torch.profiler: the top operators by self CPU time in each mode.
+4. torch.profiler: the top operators by self CPU time in each mode.
 
-Run:  python benchmarks/profile_step.py [--model mlp|mobilenet_v2] [--batch-size 64] [--calls 30] [--direct-backend]
+Run:  python benchmarks/profile_step.py [--model mlp|mobilenet_v2] [--batch-size 64] [--calls 30]
 """
 
 from __future__ import annotations
@@ -49,7 +47,7 @@ def run_parts(step, x, y, calls: int) -> dict[str, float]:
     def lookup():
         return runner._lookup(call.key_parts(), BatchDims(call.leaves, step.config.dynamic_batch))
 
-    compiled = lookup()[2]
+    compiled = lookup()[2][0]  # the variants of the key: the one compiled
     inputs = compiled.fetch.inputs(call, runner._scalars)
     with torch.no_grad():
         outs = compiled.fn(*inputs)
@@ -63,7 +61,8 @@ def run_parts(step, x, y, calls: int) -> dict[str, float]:
         "key_parts() + cache lookup": median_ms(lookup, calls),
         "fetch slots": median_ms(lambda: compiled.fetch.inputs(call, runner._scalars), calls),
         "compiled fn (guards + wrappers + kernels)": median_ms(compiled_fn, calls),
-        "tree_unflatten": median_ms(lambda: tree_unflatten(list(outs) + compiled.out_consts, compiled.out_spec),
+        "tree_unflatten": median_ms(lambda: tree_unflatten(list(outs) + compiled.tracer.out_consts,
+                                                                   compiled.tracer.out_spec),
                                     calls),
         "whole step(x, y)": median_ms(lambda: step(x, y), calls),
         "slots": len(compiled.slots),
@@ -87,29 +86,6 @@ def page_faults_per_call(step, x, y, calls: int) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
-def compare_direct_backend(step, x, y, calls: int) -> None:
-    """Per-call time of the step's compiled graph: torch.compile(gm) (graph mode's way) vs compile_fx(gm)."""
-    from torch._inductor.compile_fx import compile_fx
-
-    runner = step._graph
-    call = StepCall(step._view(step._modules_of_step()), step._phase(), (x, y), {})
-    compiled = runner._lookup(call.key_parts(), BatchDims(call.leaves, step.config.dynamic_batch))[2]
-    inputs = compiled.fetch.inputs(call, runner._scalars)
-    start = time.perf_counter()
-    direct = compile_fx(step.graph_module, inputs)
-    print(f"compile_fx(gm, inputs): {time.perf_counter() - start:.2f} s to compile ({len(inputs)} inputs)")
-    fns = {"torch.compile(gm) (graph mode)": compiled.fn, "compile_fx(gm, inputs)": direct}
-    times = {name: [] for name in fns}
-    with torch.no_grad():
-        for _ in range(calls):  # interleaved, so that drift hits both alike
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                fn(*inputs)
-                times[name].append(1000 * (time.perf_counter() - start))
-    for name, t in times.items():
-        print(f"  {name:32s} median {statistics.median(t):9.3f} ms, min {min(t):9.3f} ms per call")
-
-
 def profile(step, x, y, calls: int):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(calls):
@@ -123,7 +99,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--calls", type=int, default=30)
     parser.add_argument("--rows", type=int, default=12)
-    parser.add_argument("--direct-backend", action="store_true", help="also compile the graph with compile_fx")
     args = parser.parse_args()
     torch.set_num_threads(usable_cores())
     settings = BenchSettings(model=args.model, batch_size=args.batch_size)
@@ -148,8 +123,6 @@ def main() -> None:
         print(f"  {what:56s} {ms:9.3f}")
     for name, step in steps.items():
         print(f"{name}: {page_faults_per_call(step, x, y, args.calls):.0f} minor page faults per step")
-    if args.direct_backend:
-        compare_direct_backend(steps["graph"], x, y, args.calls)
     print(f"foreign load during the measurements: {load.stop()}")
     for name, prof in profiles.items():
         print(f"\n-- torch.profiler, {name} mode, {args.calls} steps --")

@@ -8,6 +8,7 @@ overlap with the trace, which is Python on one core; and the probes, one after a
 one thread per instruction set, so their gcc builds share the cores. Measured in a slow spell of this machine
 (docs/bench.md, round 6): the probes took 1.6 s with inductor's cache warm, 10.3 s with it empty (5.3 to 6.3 s
 in parallel); MobileNetV2's warm first call went from 10.0 to 9.3 s (medians of seven alternating pairs).
+A probe that passed is not run again in a later process with the same compiler, CPU and torch (probe_record.py).
 
 Their results are what inductor would compute itself, cached where inductor looks for them: a failure is left
 for inductor to meet again and report, and a user's `cpp.vec_isa_ok` (which changes the probes' answer) skips
@@ -23,9 +24,11 @@ import threading
 
 import torch
 
+from dualmode.graph.probe_record import ProbeRecord, answer_from_record, probe_and_record
+
 
 class BackendWarmUp:
-    """The checks for one compile, started at once in a daemon thread; `wait()` joins it."""
+    """The checks for one compile: in a daemon thread if a probe must run (`wait()` joins it), else at once."""
 
     def __init__(self, options: dict, examples: list):
         extra = options.get("options") or {}
@@ -38,19 +41,30 @@ class BackendWarmUp:
             from torch._inductor import codecache, cpu_vec_isa  # noqa: F401
 
             if self.probes:
+                from torch._inductor import cpp_builder  # noqa: F401  (the probes' key reads the compiler)
+                from torch._inductor.runtime import cache_dir_utils  # noqa: F401
                 from torch.utils import cpp_extension  # noqa: F401
 
                 self.isas = candidate_isas()
             self.ready = True
-        self.thread = threading.Thread(target=self._run, name="dualmode-inductor-warm-up", daemon=True)
-        self.thread.start()
+        self.record = ProbeRecord.in_inductors_cache() if self.isas else None
+        for isa in list(self.isas):
+            with contextlib.suppress(Exception):
+                if answer_from_record(isa, self.record):  # passed before on this machine, compiler and torch
+                    self.isas.remove(isa)
+        self.thread = None
+        if self.isas:
+            self.thread = threading.Thread(target=self._run, name="dualmode-inductor-warm-up", daemon=True)
+            self.thread.start()
+        else:  # a tenth of a second: in a thread, it waited for the trace's Python and slowed it (the GIL)
+            self._run()
 
     def _run(self) -> None:
         if not self.ready:
             return
         from torch._inductor import codecache, cpu_vec_isa
 
-        probes = [threading.Thread(target=_probe, args=(isa,), name=f"dualmode-probe-{isa}", daemon=True)
+        probes = [threading.Thread(target=_probe, args=(isa, self.record), name=f"dualmode-probe-{isa}", daemon=True)
                   for isa in self.isas]
         for probe in probes:
             probe.start()
@@ -58,12 +72,15 @@ class BackendWarmUp:
             codecache.torch_key()
         for probe in probes:  # all done before inductor's pick, and before wait() returns
             probe.join()
+        if self.record is not None:
+            self.record.save()
         if self.probes:
             with contextlib.suppress(Exception):
                 cpu_vec_isa.pick_vec_isa()  # now from the probes' cached answers
 
     def wait(self) -> None:
-        self.thread.join()
+        if self.thread is not None:
+            self.thread.join()
 
     @staticmethod
     def start(options: dict, examples: list) -> BackendWarmUp | None:
@@ -83,6 +100,6 @@ def candidate_isas() -> list:
     return [isa for isa in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(isa).split())]
 
 
-def _probe(isa) -> None:
+def _probe(isa, record: ProbeRecord) -> None:
     with contextlib.suppress(Exception):
-        bool(isa)  # builds and loads its probe library; inductor caches the answer per instruction set
+        probe_and_record(isa, record)  # builds and loads its probe library; inductor caches the answer

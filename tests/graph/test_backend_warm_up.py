@@ -28,12 +28,33 @@ def finished(warm_up: BackendWarmUp | None) -> BackendWarmUp | None:
     return warm_up
 
 
-def test_a_cpu_step_for_inductor_probes_the_vector_isa_and_hashes_torch_in_the_background(calls):
-    warm_up = finished(BackendWarmUp.start({"backend": "inductor"}, [torch.ones(2), 0.1]))
-    assert warm_up.thread.name == "dualmode-inductor-warm-up" and not warm_up.thread.is_alive()
-    assert calls == ["torch_key", "vec_isa"]
+def test_with_no_probe_to_run_the_checks_run_at_once_without_a_thread(calls):
+    # In a thread, a tenth of a second of checks waited on the trace's Python for the GIL, and slowed it.
+    warm_up = BackendWarmUp.start({"backend": "inductor"}, [torch.ones(2), 0.1])
+    assert warm_up.thread is None and calls == ["torch_key", "vec_isa"]
     finished(BackendWarmUp.start({}, [torch.ones(2)]))  # inductor is the default backend
     assert calls == ["torch_key", "vec_isa"] * 2
+
+
+def test_a_probe_to_run_runs_in_the_background_with_the_other_checks(monkeypatch, calls):
+    release = threading.Event()
+    monkeypatch.setattr(warm_up_module, "candidate_isas", lambda: [SlowIsa(release)])
+    warm_up = BackendWarmUp.start({}, [torch.ones(2)])
+    assert warm_up.thread.name == "dualmode-inductor-warm-up" and warm_up.thread.is_alive()
+    release.set()
+    finished(warm_up)
+    assert not warm_up.thread.is_alive() and calls == ["torch_key", "vec_isa"]
+
+
+class SlowIsa:
+    def __init__(self, release: threading.Event):
+        self.release = release
+
+    def __str__(self) -> str:
+        return "slow"
+
+    def __bool__(self) -> bool:
+        return self.release.wait(10)
 
 
 def test_another_backend_gets_none(calls):

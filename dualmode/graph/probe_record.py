@@ -1,0 +1,121 @@
+"""Inductor's vector instruction set probes that passed on this machine, kept from one process to the next.
+
+Inductor checks each instruction set the CPU reports once per process, by building a probe library (kept in
+its cache) and loading it in a Python subprocess: 0.35 to 0.47 s each on an AMD EPYC with a warm cache, three of
+them (avx512_vnni, avx512, avx2). They run in the background while the step is traced (warm_up.py), but on two
+cores they slow the trace by as much as they save. Each build of a probe that passed is noted in inductor's
+cache directory, under a key of everything its answer depends on: the compiler and its version, the
+instruction set's flags and macros, torch's version and library, the CPU's flags, the Python executable, the
+probe's source. In a later process inductor's own check runs, each of its builds answered from the record; one
+not recorded (a difference in any of those, a build that failed, an unreadable file), and the probe runs as
+inductor runs it, in the background. A new cache directory (TORCHINDUCTOR_CACHE_DIR) starts with no answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import sys
+
+import torch
+
+FILE = os.path.join("dualmode", "vec_isa_probes.json")
+
+
+class ProbeRecord:
+    """The keys of the probes that passed, read from and written to one file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.passed: set[str] = set()
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            with open(path) as f:
+                self.passed = set(json.load(f)["passed"])
+        self._known = frozenset(self.passed)
+
+    @staticmethod
+    def in_inductors_cache() -> ProbeRecord:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        return ProbeRecord(os.path.join(cache_dir(), FILE))
+
+    def save(self) -> None:
+        """Write the file if a probe passed that it did not hold (atomically: another process may write too)."""
+        if self.passed <= self._known:
+            return
+        with contextlib.suppress(OSError):
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            partial = f"{self.path}.{os.getpid()}.tmp"
+            with open(partial, "w") as f:
+                json.dump({"passed": sorted(self.passed)}, f)
+            os.replace(partial, self.path)
+
+
+class _NotRecorded(Exception):
+    pass
+
+
+def check_key(isa, code: str) -> str | None:
+    """What one of the probe's builds (`isa.check_build(code)`, with the flags it has now) depends on, hashed;
+    None where this torch does not say (then nothing is recorded)."""
+    try:
+        from torch._inductor import cpu_vec_isa
+
+        parts = [cpu_vec_isa._get_isa_dry_compile_fingerprint(isa.build_arch_flags()),  # compiler, flags, torch
+                 str(isa), " ".join(isa.build_macro()), " ".join(sorted(cpu_vec_isa.x86_isa_checker())),
+                 os.path.dirname(torch.__file__), sys.executable, platform.machine(), code]
+    except Exception:
+        return None
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def answer_from_record(isa, record: ProbeRecord) -> bool:
+    """Give inductor its per-process answer for `isa` (`bool(isa)`, cached) from recorded builds only; False,
+    with the instance as it was, if one of its builds is not recorded.
+
+    `bool(isa)` is inductor's own: it may build more than once (avx512 then avx512_bf16) and set flags on the
+    instance as it goes; each build that passed before answers True here instead of running."""
+    from torch._inductor import cpu_vec_isa
+
+    if not isinstance(isa, cpu_vec_isa.VecISA) or check_key(isa, cpu_vec_isa.VecISA._avx_code) not in record.passed:
+        return False  # not even its first build: no need to try
+
+    def check_build(code: str) -> bool:
+        if check_key(isa, code) not in record.passed:
+            raise _NotRecorded
+        return True
+
+    saved = dict(isa.__dict__)
+    isa.check_build = check_build  # the instance's own, for this call only
+    try:
+        bool(isa)
+        return True
+    except _NotRecorded:  # inductor caches no answer for a call that raised
+        isa.__dict__.clear()
+        isa.__dict__.update(saved)
+        return False
+    finally:
+        isa.__dict__.pop("check_build", None)
+
+
+def probe_and_record(isa, record: ProbeRecord) -> None:
+    """`bool(isa)` as inductor runs it (builds and loads in a subprocess), noting each build that passed."""
+    build = isa.check_build
+
+    def check_build(code: str) -> bool:
+        key = check_key(isa, code)
+        if key in record.passed:
+            return True
+        passed = build(code)
+        if passed and key is not None:
+            record.passed.add(key)  # one thread per instruction set: set.add holds the GIL
+        return passed
+
+    isa.check_build = check_build
+    try:
+        bool(isa)
+    finally:
+        isa.__dict__.pop("check_build", None)
