@@ -28,23 +28,27 @@ FILE = os.path.join("dualmode", "vec_isa_probes.json")
 class ProbeRecord:
     """The keys of the probes that passed, read from and written to one file."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str | None):
+        self.path = path  # None: nothing read or written (no cache directory to keep it in)
         self.passed: set[str] = set()
         with contextlib.suppress(OSError, ValueError, TypeError):
-            with open(path) as f:
-                self.passed = set(json.load(f)["passed"])
+            if path is not None:
+                with open(path) as f:
+                    self.passed = set(json.load(f)["passed"])
         self._known = frozenset(self.passed)
 
     @staticmethod
     def in_inductors_cache() -> ProbeRecord:
-        from torch._inductor.runtime.cache_dir_utils import cache_dir
+        try:
+            from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-        return ProbeRecord(os.path.join(cache_dir(), FILE))
+            return ProbeRecord(os.path.join(cache_dir(), FILE))
+        except Exception:  # no cache directory (read-only file system, say): the probes run, unrecorded
+            return ProbeRecord(None)
 
     def save(self) -> None:
         """Write the file if a probe passed that it did not hold (atomically: another process may write too)."""
-        if self.passed <= self._known:
+        if self.path is None or self.passed <= self._known:
             return
         with contextlib.suppress(OSError):
             os.makedirs(os.path.dirname(self.path), exist_ok=True)

@@ -21,6 +21,7 @@ import contextlib
 import platform
 import sys
 import threading
+import time
 
 import torch
 
@@ -52,12 +53,14 @@ class BackendWarmUp:
             with contextlib.suppress(Exception):
                 if answer_from_record(isa, self.record):  # passed before on this machine, compiler and torch
                     self.isas.remove(isa)
-        self.thread = None
+        self.thread, self.at_once_s = None, 0.0
         if self.isas:
             self.thread = threading.Thread(target=self._run, name="dualmode-inductor-warm-up", daemon=True)
             self.thread.start()
         else:  # a tenth of a second: in a thread, it waited for the trace's Python and slowed it (the GIL)
+            start = time.perf_counter()
             self._run()
+            self.at_once_s = time.perf_counter() - start
 
     def _run(self) -> None:
         if not self.ready:

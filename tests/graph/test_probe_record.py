@@ -140,3 +140,17 @@ def test_an_instruction_set_with_a_build_not_recorded_is_probed_whole_and_left_a
     # probe ran, with the first build answered from the record and the others built.
     assert len(runs) == builds - len(ISAS)
     assert answers() == probed
+
+
+def test_without_a_cache_directory_the_probes_run_unrecorded(monkeypatch, tmp_path):
+    from torch._inductor.runtime import cache_dir_utils
+
+    def read_only():
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(cache_dir_utils, "cache_dir", read_only)
+    record = ProbeRecord.in_inductors_cache()
+    assert record.path is None and record.passed == set()
+    record.passed.add("k1")
+    record.save()  # nowhere to write: nothing, and no error
+    assert list(tmp_path.iterdir()) == []
