@@ -1,4 +1,5 @@
-"""Inductor's once-per-process checks, run in a background thread while graph mode traces the step.
+"""Inductor's once-per-process checks: in a background thread while graph mode traces the step, or at once
+before the trace when no probe is left to run (probe_record.py).
 
 Whatever it compiles or loads from its cache, inductor's first CPU compile in a process builds (if its cache
 lacks them) and loads a probe library for each vector instruction set the CPU reports, each load in a Python
