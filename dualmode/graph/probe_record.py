@@ -76,33 +76,49 @@ def check_key(isa, code: str) -> str | None:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def answer_from_record(isa, record: ProbeRecord) -> bool:
-    """Give inductor its per-process answer for `isa` (`bool(isa)`, cached) from recorded builds only; False,
-    with the instance as it was, if one of its builds is not recorded.
+def answers_from_record(isas: list, record: ProbeRecord) -> bool:
+    """Give inductor its per-process answer for each of `isas` (`bool(isa)`, cached) from recorded builds only;
+    False, with every instance and inductor's answers as they were, if one of their builds is not recorded.
 
-    `bool(isa)` is inductor's own: it may build more than once (avx512 then avx512_bf16) and set flags on the
-    instance as it goes; each build that passed before answers True here instead of running."""
+    `bool(isa)` is inductor's own: it may build more than once (avx512 then avx512_bf16), caching an inner answer
+    (avx512's, for avx512_vnni) and setting flags on the instance as it goes; each build that passed before answers
+    True here instead of running. All or none: a build not recorded leaves inner answers cached and flags half
+    set, so they are all forgotten and every instruction set is probed (probe_and_record)."""
     from torch._inductor import cpu_vec_isa
 
-    if not isinstance(isa, cpu_vec_isa.VecISA) or check_key(isa, cpu_vec_isa.VecISA._avx_code) not in record.passed:
-        return False  # not even its first build: no need to try
+    if not all(isinstance(isa, cpu_vec_isa.VecISA) and check_key(isa, cpu_vec_isa.VecISA._avx_code) in record.passed
+               for isa in isas):
+        return False  # not even every first build: no need to try
 
     def check_build(code: str) -> bool:
         if check_key(isa, code) not in record.passed:
             raise _NotRecorded
         return True
 
-    saved = dict(isa.__dict__)
-    isa.check_build = check_build  # the instance's own, for this call only
+    saved = [dict(isa.__dict__) for isa in isas]
     try:
-        bool(isa)
+        for isa in isas:
+            isa.check_build = check_build  # the instance's own, for this call only
+            try:
+                bool(isa)
+            finally:
+                del isa.check_build
         return True
-    except _NotRecorded:  # inductor caches no answer for a call that raised
-        isa.__dict__.clear()
-        isa.__dict__.update(saved)
+    except Exception:  # _NotRecorded, or anything else: inductor's own probes will meet it
+        for isa, state in zip(isas, saved):
+            isa.__dict__.clear()
+            isa.__dict__.update(state)
+        _forget_answers(cpu_vec_isa.VecISA)
         return False
-    finally:
-        isa.__dict__.pop("check_build", None)
+
+
+def _forget_answers(cls: type) -> None:
+    """Clear inductor's cached `bool()` of `cls` and its subclasses (only answers this process has not used)."""
+    for cached in (cls.__dict__.get("__bool__"), cls.__dict__.get("_VecISA__bool__impl")):
+        if hasattr(cached, "cache_clear"):
+            cached.cache_clear()
+    for sub in cls.__subclasses__():
+        _forget_answers(sub)
 
 
 def probe_and_record(isa, record: ProbeRecord) -> None:

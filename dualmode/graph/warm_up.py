@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from dualmode.graph.probe_record import ProbeRecord, answer_from_record, probe_and_record
+from dualmode.graph.probe_record import ProbeRecord, answers_from_record, probe_and_record
 
 
 class BackendWarmUp:
@@ -50,10 +50,9 @@ class BackendWarmUp:
                 self.isas = candidate_isas()
             self.ready = True
         self.record = ProbeRecord.in_inductors_cache() if self.isas else None
-        for isa in list(self.isas):
-            with contextlib.suppress(Exception):
-                if answer_from_record(isa, self.record):  # passed before on this machine, compiler and torch
-                    self.isas.remove(isa)
+        with contextlib.suppress(Exception):
+            if self.isas and answers_from_record(self.isas, self.record):  # passed here before, same compiler
+                self.isas = []
         self.thread, self.at_once_s = None, 0.0
         if self.isas:
             self.thread = threading.Thread(target=self._run, name="dualmode-inductor-warm-up", daemon=True)
