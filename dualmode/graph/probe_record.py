@@ -7,7 +7,7 @@ cores they slow the trace by as much as they save. Each build of a probe that pa
 cache directory, under a key of everything its answer depends on: the compiler and its version, the
 instruction set's flags and macros, torch's version and library, the CPU's flags, the Python executable, the
 probe's source. In a later process inductor's own check runs, each of its builds answered from the record; one
-not recorded (a difference in any of those, a build that failed, an unreadable file), and the probe runs as
+not recorded (a difference in any of those, a build that failed, an unreadable file), and every probe runs as
 inductor runs it, in the background. A new cache directory (TORCHINDUCTOR_CACHE_DIR) starts with no answers.
 """
 
