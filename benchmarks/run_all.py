@@ -4,10 +4,11 @@ Each run is written as <hardware>_<torch>_<compile mode>_<model>_b<batch>.json (
 cpu-2core_torch2.13.0_inductor_mobilenet_v2_b64.json. The runs use the shared inductor cache, so their first
 calls are cold only when the cache is (each file says, per variant); `--cold` first adds two MobileNetV2 batch-64
 runs of the compiled variants with an empty cache each, in opposite orders (file names ending in _cold and
-_cold_reversed), for the cold first-call figures.
+_cold_reversed), for the cold first-call figures. `--keep-freed-memory` records the timed runs again with every
+variant's process keeping freed memory (`dm.keep_freed_memory()`), into files ending in _keep_freed_memory.
 Before each run, the script waits (up to --max-wait seconds) for the machine to be quiet, as it may be shared.
 
-Run:  python benchmarks/run_all.py [--cold] [--only mlp_b64 ...] [--readme-only]
+Run:  python benchmarks/run_all.py [--cold] [--keep-freed-memory] [--only mlp_b64 ...] [--readme-only]
 """
 
 from __future__ import annotations
@@ -40,12 +41,14 @@ COLD_VARIANTS = ("graph", "torch-compile", "fwd-bwd-compile")
 COLD = ("--steps", "3", "--warmup", "1", "--cold-cache")
 
 
-def result_stem(model: str, batch: int, cold: str = "") -> str:
+def result_stem(model: str, batch: int, cold: str = "", keep_freed_memory: bool = False) -> str:
     """The file name (without extension) that records hardware, torch version, compile mode, model and batch;
-    cold: "" for the timed run, "cold" or "cold_reversed" for the cold first-call runs."""
+    cold: "" for the timed run, "cold" or "cold_reversed" for the cold first-call runs; `_keep_freed_memory` at
+    the end for a run with `dualmode bench --keep-freed-memory`."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     version = torch.__version__.split("+")[0]
-    return f"cpu-{cores}core_torch{version}_{BACKEND}_{model}_b{batch}" + (f"_{cold}" if cold else "")
+    return (f"cpu-{cores}core_torch{version}_{BACKEND}_{model}_b{batch}" + (f"_{cold}" if cold else "")
+            + ("_keep_freed_memory" if keep_freed_memory else ""))
 
 
 def wait_until_quiet(threshold: float, max_wait_s: float) -> float | None:
@@ -65,9 +68,11 @@ def wait_until_quiet(threshold: float, max_wait_s: float) -> float | None:
 
 def record(model: str, batch: int, cold: str, args: argparse.Namespace) -> int:
     """Run one configuration through `dualmode bench` and write its JSON and plot into results/."""
-    stem = os.path.join(RESULTS, result_stem(model, batch, cold))
+    stem = os.path.join(RESULTS, result_stem(model, batch, cold, args.keep_freed_memory))
     order = COLD_VARIANTS[::-1] if cold == "cold_reversed" else COLD_VARIANTS
     how = (*COLD, "--modes", *order) if cold else STEPS[model]
+    if args.keep_freed_memory:
+        how = (*how, "--keep-freed-memory")
     argv = ["--model", model, "--batch-size", str(batch), *how, "--backend", BACKEND,
             "--json", stem + ".json", "--plot", stem + ".png"]
     parser = argparse.ArgumentParser(prog="dualmode bench")
@@ -81,6 +86,9 @@ def main() -> int:
     parser.add_argument("--cold", action="store_true",
                         help="first record mobilenet_v2 b64 with empty caches, twice, in opposite variant orders")
     parser.add_argument("--only", nargs="+", metavar="MODEL_bBATCH", help="record only these, e.g. mlp_b64")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="run every variant with `dualmode bench --keep-freed-memory`, into files ending in "
+                             "_keep_freed_memory")
     parser.add_argument("--readme-only", action="store_true", help="only rewrite results/README.md")
     parser.add_argument("--quiet", type=float, default=0.15,
                         help="start a run when others use less than this share of the cores (default: 0.15)")

@@ -14,6 +14,7 @@ from dualmode.groups.unwrap import bare_model
 from dualmode.step.checkpoint import load_checkpoint
 from dualmode.step.checkpoint import save_checkpoint
 from dualmode.step.config import StepConfig
+from dualmode.step.cpu_memory import keep_freed_memory
 from dualmode.step.state import CheckpointError
 from dualmode.step.train_graph import TrainGraph
 
@@ -27,6 +28,7 @@ __all__ = [
     "TrainGraph",
     "bare_model",
     "describe",
+    "keep_freed_memory",
     "load_checkpoint",
     "param_groups",
     "save_checkpoint",

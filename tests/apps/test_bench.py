@@ -120,3 +120,20 @@ def test_a_failing_variant_is_reported_by_name(tmp_path, capsys):
     assert variants["graph"]["error"].startswith("variant 'graph', setup: ")
     assert "no_such_backend" in variants["graph"]["error"]
     assert re.search(r"^graph +FAILED: variant .graph., setup: ", capsys.readouterr().out, re.MULTILINE)
+
+
+def test_keep_freed_memory_runs_in_every_variant_or_the_variant_fails(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bench.json"
+    argv = TINY + ["--modes", "eager", "graph", "--keep-freed-memory", "--json", str(out)]
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES", "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+    assert bench.run(parse(argv)) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["keep_freed_memory"] is True
+    assert result["command"].endswith("--keep-freed-memory")
+    assert all("error" not in v for v in result["variants"].values())
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")  # the workers inherit it: malloc cannot be changed there
+    assert bench.run(parse(argv)) == 1
+    for name, v in json.loads(out.read_text())["variants"].items():
+        assert "--keep-freed-memory: malloc was left as it is" in v["error"], name

@@ -71,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "untimed step (use it for steps of a few ms, which the pause would disturb; default: 1)")
     parser.add_argument("--cold-cache", action="store_true",
                         help="give each variant an empty inductor cache, so first calls compile from scratch")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="every variant's process first calls dm.keep_freed_memory(), so that glibc keeps freed "
+                             "memory and a step reuses its buffers instead of faulting in fresh pages")
 
 
 def _progress(message: str) -> None:
@@ -95,7 +98,8 @@ def _run(args: argparse.Namespace, launch: Launch) -> int:
             print(f"dualmode bench: error: {error}", file=sys.stderr)
         return 2
     settings = BenchSettings(model=args.model, hidden=args.hidden, batch_size=args.batch_size, seed=args.seed,
-                             backend=args.backend, compile_mode=args.compile_mode, distributed=launch.distributed,
+                             backend=args.backend, compile_mode=args.compile_mode,
+                             keep_freed_memory=args.keep_freed_memory, distributed=launch.distributed,
                              world_size=launch.world, rank=launch.rank)
     torch.set_num_threads(args.threads)
     machine = machine_info()
@@ -270,4 +274,6 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append(f"--seed {args.seed}")
     if args.cold_cache:
         parts.append("--cold-cache")
+    if args.keep_freed_memory:
+        parts.append("--keep-freed-memory")
     return " ".join(parts)

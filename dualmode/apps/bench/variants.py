@@ -45,6 +45,7 @@ class BenchSettings:
     seed: int = 0
     backend: str = "inductor"
     compile_mode: str | None = None
+    keep_freed_memory: bool = False  # every variant's process calls dm.keep_freed_memory() first
     # Under torchrun: this process's rank among `world_size`; batch_size stays the global batch.
     distributed: bool = False
     world_size: int = 1

@@ -83,6 +83,11 @@ class VariantProcess:
         _load_lazily_loaded_parts(torch)
         self.variant = VARIANTS[name]
         self.settings = BenchSettings(**settings)
+        if self.settings.keep_freed_memory:
+            import dualmode as dm
+
+            if not dm.keep_freed_memory():  # its warning says why; a run asked for it must not time without it
+                raise RuntimeError("--keep-freed-memory: malloc was left as it is (see the warning above)")
         self.baseline_mb = rss_mb()
         self.step = None
         self.batch = None
