@@ -62,7 +62,8 @@ def test_help_lists_the_options():
     code, out, _ = run_cli("tutorial", "--help")
     assert code == 0
     for option in ("--mode", "--data", "--epochs", "--max-steps", "--batch-size", "--plot", "--lr", "--momentum",
-                   "--width-mult", "--decay-every", "--backend", "--seed", "--checkpoint", "--checkpoint-every"):
+                   "--width-mult", "--decay-every", "--backend", "--seed", "--checkpoint", "--checkpoint-every",
+                   "--keep-freed-memory"):
         assert option in out
 
 
@@ -94,6 +95,29 @@ def test_bad_input_is_named_before_anything_trains(argv, message):
     assert message in err
     assert "Epoch 1" not in out
     assert time.perf_counter() - start < 20
+
+
+def test_keep_freed_memory_is_refused_before_training_where_it_cannot_be_done(monkeypatch):
+    from dualmode.step import cpu_memory
+
+    monkeypatch.setattr(cpu_memory, "_applied", False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")  # the environment chose
+    with pytest.warns(RuntimeWarning, match="malloc left as it is: the environment sets MALLOC_TRIM_THRESHOLD_"):
+        code, out, err = run_cli("tutorial", "--mode", "eager", *QUICK, "--keep-freed-memory")
+    assert code == 2
+    assert "--keep-freed-memory: malloc was left as it is" in err
+    assert "Epoch 1" not in out
+
+
+def test_keep_freed_memory_is_said_in_the_header(monkeypatch):
+    from dualmode.step import cpu_memory
+
+    for name in cpu_memory.CHOSEN_BY_ENVIRONMENT + ("LD_PRELOAD",):
+        monkeypatch.delenv(name, raising=False)
+    code, out, _ = run_cli("tutorial", "--mode", "eager", *QUICK, "--keep-freed-memory")
+    assert code == 0
+    assert "; freed memory kept (dm.keep_freed_memory)" in out.splitlines()[2]
+    assert cpu_memory._applied
 
 
 # A short run in both modes -------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from dualmode.apps.tutorial.progress import Console
 from dualmode.apps.tutorial.report import plot_losses, summary_table
 from dualmode.apps.tutorial.resume import ResumeError
 from dualmode.apps.tutorial.train import TutorialSettings, train, tutorial_model
+from dualmode.step.cpu_memory import keep_freed_memory
 
 NAME = "tutorial"
 HELP = ("OneFlow's layer-wise learning-rate tutorial: MobileNetV2 with per-group lrs (eager mode) or lr_scale "
@@ -102,6 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "end; when restarted with the same options, resume from there (see docs/checkpoints.md)")
     parser.add_argument("--checkpoint-every", type=_number(int, 1), default=DEFAULT_CHECKPOINT_EVERY, metavar="N",
                         help=f"steps between two checkpoints (default: {DEFAULT_CHECKPOINT_EVERY})")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="call dm.keep_freed_memory() first: glibc keeps freed memory, so each step reuses its "
+                             "buffers instead of faulting in fresh pages (faster on a CPU; see docs/performance.md)")
 
 
 def _fail(message: str) -> int:
@@ -164,6 +168,8 @@ def _run(args: argparse.Namespace, launch: Launch) -> int:
                or _check_checkpoint_folder(args.checkpoint))
     if problem:
         return _fail(problem)
+    if args.keep_freed_memory and not keep_freed_memory():
+        return _fail("--keep-freed-memory: malloc was left as it is (the warning above says why)")
     try:
         train_data = load_dataset(args.data, train=True)
         test_data = load_dataset(args.data, train=False)
@@ -184,7 +190,8 @@ def _run(args: argparse.Namespace, launch: Launch) -> int:
                 f"data: {train_data.name}; held out: {len(test_data)} images\n"
                 f"model: MobileNetV2, width_mult {settings.width_mult}; SGD, base lr {settings.lr}, momentum "
                 f"{settings.momentum}; batch size {settings.batch_size}; {settings.epochs} epoch(s)"
-                + (f", at most {settings.max_steps} steps" if settings.max_steps else ""))
+                + (f", at most {settings.max_steps} steps" if settings.max_steps else "")
+                + ("; freed memory kept (dm.keep_freed_memory)" if args.keep_freed_memory else ""))
     torch.manual_seed(settings.seed)
     initial = copy.deepcopy(tutorial_model(len(train_data.classes), settings.width_mult).state_dict())
     results = []
