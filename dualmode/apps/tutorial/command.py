@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+import dualmode as dm
 from dualmode.apps.data import load_dataset
 from dualmode.apps.launch import Launch
 from dualmode.apps.tutorial.evaluate import evaluate
@@ -26,7 +27,6 @@ from dualmode.apps.tutorial.progress import Console
 from dualmode.apps.tutorial.report import plot_losses, summary_table
 from dualmode.apps.tutorial.resume import ResumeError
 from dualmode.apps.tutorial.train import TutorialSettings, train, tutorial_model
-from dualmode.step.cpu_memory import keep_freed_memory
 
 NAME = "tutorial"
 HELP = ("OneFlow's layer-wise learning-rate tutorial: MobileNetV2 with per-group lrs (eager mode) or lr_scale "
@@ -168,7 +168,7 @@ def _run(args: argparse.Namespace, launch: Launch) -> int:
                or _check_checkpoint_folder(args.checkpoint))
     if problem:
         return _fail(problem)
-    if args.keep_freed_memory and not keep_freed_memory():
+    if args.keep_freed_memory and not dm.keep_freed_memory():
         return _fail("--keep-freed-memory: malloc was left as it is (the warning above says why)")
     try:
         train_data = load_dataset(args.data, train=True)
