@@ -54,9 +54,8 @@ def keep_freed_memory() -> bool:
     global _applied
     if _applied:
         return True
-    reason = _not_applicable()
+    libc, reason = _glibc()
     if reason is None:
-        libc = ctypes.CDLL(None)
         if libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
             reason = "glibc's mallopt refused the mmap threshold"
         elif libc.mallopt(M_TRIM_THRESHOLD, NO_TRIM) != 1:
@@ -68,17 +67,18 @@ def keep_freed_memory() -> bool:
     return True
 
 
-def _not_applicable() -> str | None:
+def _glibc() -> tuple[ctypes.CDLL | None, str | None]:
+    """The C library this process runs on, or why malloc is to be left as it is."""
     chosen = [name for name in CHOSEN_BY_ENVIRONMENT if name in os.environ]
     if chosen:
-        return f"the environment sets {', '.join(chosen)}"
+        return None, f"the environment sets {', '.join(chosen)}"
     preload = os.environ.get("LD_PRELOAD", "")
     if any(name in preload for name in ("jemalloc", "tcmalloc", "mimalloc")):
-        return f"LD_PRELOAD loads another allocator ({preload})"
+        return None, f"LD_PRELOAD loads another allocator ({preload})"
     try:
-        libc = ctypes.CDLL(None)  # the C library this process runs on
+        libc = ctypes.CDLL(None)
     except (OSError, TypeError):  # Windows: no such handle
-        return "the C library could not be loaded"
+        return None, "the C library could not be loaded"
     if not (hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")):
-        return "the C library is not glibc"
-    return None
+        return None, "the C library is not glibc"
+    return libc, None

@@ -125,7 +125,9 @@ def test_a_failing_variant_is_reported_by_name(tmp_path, capsys):
 def test_keep_freed_memory_runs_in_every_variant_or_the_variant_fails(tmp_path, monkeypatch, capsys):
     out = tmp_path / "bench.json"
     argv = TINY + ["--modes", "eager", "graph", "--keep-freed-memory", "--json", str(out)]
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES", "LD_PRELOAD"):
+    from dualmode.step.cpu_memory import CHOSEN_BY_ENVIRONMENT
+
+    for name in CHOSEN_BY_ENVIRONMENT + ("LD_PRELOAD",):
         monkeypatch.delenv(name, raising=False)
     assert bench.run(parse(argv)) == 0
     result = json.loads(out.read_text())
