@@ -7,9 +7,12 @@
    the whole compiled region (with AOTAutograd's runtime wrappers), and in dynamo's guards.
 3. Minor page faults per step in each mode: memory that glibc's allocator gave back to the OS after one step
    and that the next step touches again.
-4. torch.profiler: the top operators by self CPU time in each mode.
+4. torch.profiler: self CPU ms per step by kind (convolution forward, convolution backward, inductor's kernels,
+   the rest), and the top operators, in each mode. Inductor's kernels are named in the profile
+   (`cpp.enable_kernel_profile`), so graph mode's compiled graph is split into them.
 
 Run:  python benchmarks/profile_step.py [--model mlp|mobilenet_v2] [--batch-size 64] [--calls 30]
+          [--keep-freed-memory]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 import torch
 from torch.utils._pytree import tree_unflatten
 
+import dualmode as dm
 from dualmode.apps.bench.machine import ForeignLoad, usable_cores
 from dualmode.apps.bench.variants import VARIANTS, BenchSettings, make_batch
 from dualmode.graph.batch import BatchDims
@@ -86,6 +90,27 @@ def page_faults_per_call(step, x, y, calls: int) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
+def kind(op: str) -> str:
+    """Which part of a step a profiled operator is (graph mode's convolutions run through the C++ wrapper's
+    `aoti_torch_cpu_convolution_backward` or ATen's `mkldnn_convolution`)."""
+    if "convolution_backward" in op:
+        return "convolution backward"
+    if "convolution" in op:
+        return "convolution forward"
+    if "cpp_fused" in op:
+        return "inductor's kernels"
+    return "the rest"
+
+
+def by_kind(prof, calls: int) -> dict[str, float]:
+    """Self CPU ms per step of each kind of operator."""
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        part = kind(event.key)
+        totals[part] = totals.get(part, 0.0) + event.self_cpu_time_total / 1000 / calls
+    return totals
+
+
 def profile(step, x, y, calls: int):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(calls):
@@ -99,7 +124,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--calls", type=int, default=30)
     parser.add_argument("--rows", type=int, default=12)
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="call dm.keep_freed_memory() first (fails where it cannot be applied)")
     args = parser.parse_args()
+    if args.keep_freed_memory and not dm.keep_freed_memory():
+        raise SystemExit("dm.keep_freed_memory() could not be applied (its warning says why)")
+    torch._inductor.config.cpp.enable_kernel_profile = True
     torch.set_num_threads(usable_cores())
     settings = BenchSettings(model=args.model, batch_size=args.batch_size)
     x, y = make_batch(settings)
@@ -124,6 +154,9 @@ def main() -> None:
     for name, step in steps.items():
         print(f"{name}: {page_faults_per_call(step, x, y, args.calls):.0f} minor page faults per step")
     print(f"foreign load during the measurements: {load.stop()}")
+    for name, prof in profiles.items():
+        parts = ", ".join(f"{part} {ms:.1f}" for part, ms in sorted(by_kind(prof, args.calls).items()))
+        print(f"{name}: self CPU ms per step by kind: {parts}")
     for name, prof in profiles.items():
         print(f"\n-- torch.profiler, {name} mode, {args.calls} steps --")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
