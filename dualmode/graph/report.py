@@ -126,6 +126,8 @@ class Explanation:
             ("first call" or what changed), aten ops and inputs of the traced step, trace and first-call
             seconds, and what the recompute pass did.
         graphs: how many compiled variants of the step are kept.
+        buffers: where a CPU step's buffers come from (its pool, and the MiB it keeps between calls, or malloc and
+            why); None before a CPU step ran (step_buffers.py).
 
     Example:
         >>> import torch, dualmode as dm
@@ -153,6 +155,7 @@ class Explanation:
     mode: str
     compiles: list[CompileRecord] = field(default_factory=list)
     graphs: int = 0
+    buffers: str | None = None
 
     @property
     def recompiles(self) -> list[str]:
@@ -173,4 +176,6 @@ class Explanation:
             lines += [f"     update {u}" for u in r.updates]
             if r.split is not None:
                 lines.append(f"     first call: trace {r.trace_s:.2f} s, {r.split}; batch dimension: {r.batch}")
+        if self.buffers is not None:
+            lines.append(f"step buffers: {self.buffers}")
         return "\n".join(lines)

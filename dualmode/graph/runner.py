@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_unflatten
 
 from dualmode.graph import collectives, diagnose, guards, refusals
 from dualmode.graph.batch import BatchDims, BatchGuard, fake_examples
+from dualmode.graph.changes import describe_change
 from dualmode.graph.compile import CompileTimer, compile_step, compiling
 from dualmode.graph.fastpath import LastCall
 from dualmode.graph.fetch import FetchPlan
@@ -36,6 +37,7 @@ from dualmode.graph.progress import CompileProgress
 from dualmode.graph.randomness import eager_random
 from dualmode.graph.remat import RecomputePass
 from dualmode.graph.report import FIRST, CompileRecord, RecompileLimitError, RecompileWarning
+from dualmode.graph.step_buffers import RunnerBuffers
 from dualmode.graph.trace import StepTracer, trace_step
 from dualmode.graph.warm_up import BackendWarmUp
 from dualmode.step import finite
@@ -54,65 +56,7 @@ class _Compiled:
     recompute_pass: RecomputePass | None = None
     batch_guard: BatchGuard | None = None  # None: the batch size is a constant of this variant
     fetch: FetchPlan | None = None
-
-
-def _describe_change(name: str, old, new) -> str:
-    """A short sentence naming what changed between two compiled variants (fields read by name)."""
-    if name == "lr_scale":
-        diffs = [f"group {i}: {a} -> {b}" for i, (a, b) in enumerate(zip(old, new)) if a != b]
-        return "lr_scale changed (" + ", ".join(diffs or [f"{len(old)} -> {len(new)} groups"]) + ")"
-    if name == "inputs":
-        (old_spec, old_leaves), (new_spec, new_leaves) = old, new
-        if old_spec != new_spec or len(old_leaves) != len(new_leaves):
-            return "the structure of the inputs changed"
-        for i, (a, b) in enumerate(zip(old_leaves, new_leaves)):
-            if a != b:
-                if a.kind == b.kind == "tensor" and a.shape != b.shape:
-                    return f"new input shape: input {i} {_shape(a)} -> {_shape(b)}" + _shape_hint(a, b)
-                return f"input {i} changed: {_fields_changed(a, b)}"
-    if name == "tensors":
-        old_by_name = {o.name: o for o in old}
-        for n in new:
-            o = old_by_name.get(n.name)
-            if o is None:
-                return f"new parameter or buffer {n.name!r}"
-            for field in ("requires_grad", "shape", "dtype", "device", "strides"):
-                if getattr(o, field) != getattr(n, field):
-                    return f"{field} of {n.name!r} changed: {getattr(o, field)} -> {getattr(n, field)}"
-        return "parameters or buffers were removed"
-    if name == "groups":
-        if len(old) != len(new):
-            return f"param groups changed: {len(old)} -> {len(new)} groups (add_param_group?)"
-        for i, (a, b) in enumerate(zip(old, new)):
-            if a.params != b.params:
-                return f"param group {i} changed its parameters: {len(a.params)} -> {len(b.params)} tensors"
-            if a.switches != b.switches:
-                return f"param group {i} changed its switches: {_fields_changed(a.switches, b.switches)}"
-            if a.clip != b.clip:
-                return f"param group {i} changed its clip setting (max norm, norm type): {a.clip} -> {b.clip}"
-    if name == "training":
-        return "train/eval mode of a module changed"
-    return f"{name} changed: {old} -> {new}"
-
-
-def _shape(signature) -> str:
-    return "(" + ", ".join("batch" if isinstance(d, str) else str(d) for d in signature.shape) + ")" \
-        if any(isinstance(d, str) for d in signature.shape) else str(signature.shape)
-
-
-def _shape_hint(old, new) -> str:
-    """How to avoid this recompile: a new batch size only recompiles where the batch could not stay symbolic."""
-    if len(old.shape) == len(new.shape) and old.shape[1:] == new.shape[1:]:
-        return ("; the batch dimension could not stay symbolic here (build() uses the batch size as a number, "
-                "a batch of 1, or config.dynamic_batch=False): use drop_last=True in the DataLoader or pad the "
-                "short batch to avoid the recompile")
-    return "; only the first (batch) dimension may change without a recompile: pad or crop inputs to one shape"
-
-
-def _fields_changed(old, new) -> str:
-    """'a: x -> y, b: ...' for the fields of two NamedTuples that differ."""
-    return ", ".join(f"{f}: {getattr(old, f)} -> {getattr(new, f)}" for f in old._fields
-                     if getattr(old, f) != getattr(new, f))
+    cpu: bool = False  # every tensor input on the CPU: the step's buffers can come from its pool (step_buffers.py)
 
 
 class GraphRunner:
@@ -126,6 +70,7 @@ class GraphRunner:
         self._last_call: dict[str, LastCall] = {}  # per phase: the call the next one is compared with
         self.records: list[CompileRecord] = []
         self.graph_module: torch.fx.GraphModule | None = None
+        self.buffers = RunnerBuffers()  # where a CPU step's buffers come from
 
     @property
     def compile_count(self) -> int:
@@ -158,7 +103,7 @@ class GraphRunner:
             return out
         inputs = compiled.fetch.inputs(call, self._scalars)
         try:
-            outs = self._first_call(compiled, inputs, step.name)
+            outs = self._first_call(compiled, inputs, step.name, self.buffers.for_call(compiled.cpu, step.config))
         except Exception as error:
             call.undo_created()  # nothing of a failed variant is cached or counted
             raise diagnose.first_run_error(step.name, error, call.leaves, call.tensors.tensors) from error
@@ -176,7 +121,8 @@ class GraphRunner:
         grad_was = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)  # torch.no_grad() as a context manager costs about 2 us per call
         try:
-            outs = compiled.fn(*inputs)
+            with self.buffers.for_call(compiled.cpu, call.step.config):
+                outs = compiled.fn(*inputs)
         except Exception:
             call.undo_created()
             raise
@@ -217,13 +163,13 @@ class GraphRunner:
         return key, parts, self._cache.get(key, []), BatchDims([], False)
 
     @staticmethod
-    def _first_call(compiled: _Compiled, inputs: list, name: str):
+    def _first_call(compiled: _Compiled, inputs: list, name: str, buffers):
         """The call that compiles: logged while it runs (progress.py), timed by compiler stage (compile.py)."""
         record, recompute = compiled.record, compiled.recompute_pass
         start = time.perf_counter()
         timer = CompileTimer()
         what = f"{name} ({record.phase}, {record.nodes} ops, {record.inputs} inputs)"
-        with CompileProgress(what) as progress, compiling(recompute), eager_random(), torch.no_grad():
+        with CompileProgress(what) as progress, compiling(recompute), eager_random(), torch.no_grad(), buffers:
             outs = compiled.fn(*inputs)
             record.split = timer.split(compiled.fn.compile_s, compiled.fn.wait_s)
             progress.summary = f"trace {record.trace_s:.2f} s, {record.split}"
@@ -279,7 +225,8 @@ class GraphRunner:
                             else "symbolic (" + ", ".join(f"input {i}" for i in batch.labels) + ")")
         fetch = FetchPlan([slots[i] for i in used])
         fetch.traced_layouts([examples[i] for i in used])
-        return _Compiled(fn, gm, fetch.slots, tracer, guard, record, recompute, batch_guard, fetch)
+        cpu = all(e.device.type == "cpu" for e in examples if isinstance(e, torch.Tensor))
+        return _Compiled(fn, gm, fetch.slots, tracer, guard, record, recompute, batch_guard, fetch, cpu)
 
     def _register(self, key: tuple, parts: dict, compiled: _Compiled) -> None:
         """Cache and count a variant once its first run succeeded."""
@@ -294,5 +241,5 @@ class GraphRunner:
             return FIRST
         for name, value in parts.items():
             if last.get(name) != value:
-                return _describe_change(name, last.get(name), value)
+                return describe_change(name, last.get(name), value)
         return "unknown change"

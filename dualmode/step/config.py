@@ -33,6 +33,9 @@ class StepConfig:
             accumulated gradient or scheduler, in both modes.
         recompute_activations: graph mode with inductor recomputes cheap activations (BatchNorm, ReLU6, ...)
             in the backward instead of keeping them from the forward (remat.py): same numbers, less memory.
+        reuse_buffers: graph mode on the CPU keeps the buffers its compiled step frees for its next call
+            instead of giving them back to malloc, which would fault them in again at every step (the price: the
+            step's freed buffers stay allocated between calls; step_buffers.py). False gives them back.
         dynamic_batch: graph mode traces the first dimension of each tensor argument as a symbol, so a new
             batch size (a DataLoader's short last batch) runs the compiled step without compiling again.
 
@@ -63,6 +66,7 @@ class StepConfig:
     check_finite: bool = False
     recompute_activations: bool = True
     dynamic_batch: bool = True
+    reuse_buffers: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -90,7 +94,7 @@ class StepConfig:
         if unknown:
             raise ValueError(f"config.compile_options has unknown keys {sorted(unknown)}; "
                              "allowed: backend, mode, dynamic, options")
-        for name in ("check_finite", "recompute_activations", "dynamic_batch"):
+        for name in ("check_finite", "recompute_activations", "dynamic_batch", "reuse_buffers"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"config.{name} must be True or False, got {getattr(self, name)!r}")
         r = self.max_recompiles

@@ -241,7 +241,7 @@ class TrainGraph:
         """What graph mode compiled: graphs, breaks, compiles and the reason of each recompile."""
         if self._graph is None:
             return Explanation(self._mode)
-        return Explanation(self._mode, list(self._graph.records), self._graph.graphs)
+        return Explanation(self._mode, list(self._graph.records), self._graph.graphs, self._graph.buffers.state())
 
     def __repr__(self) -> str:
         from dualmode.groups.describe import describe

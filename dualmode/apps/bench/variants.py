@@ -119,10 +119,11 @@ class BenchStep(dm.TrainGraph):
         return loss
 
 
-def _dualmode_step(mode: str, recompute: bool = True) -> Callable[[BenchSettings], Callable]:
+def _dualmode_step(mode: str, recompute: bool = True, reuse: bool = True) -> Callable[[BenchSettings], Callable]:
     def make(settings: BenchSettings) -> Callable:
         model = distribute(make_model(settings), settings)
-        config = dm.StepConfig(compile_options=settings.compile_options, recompute_activations=recompute)
+        config = dm.StepConfig(compile_options=settings.compile_options, recompute_activations=recompute,
+                               reuse_buffers=reuse)
         return BenchStep(model, make_sgd(make_groups(model)), mode=mode, config=config)
 
     return make
@@ -207,6 +208,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             compiles=True),
     Variant("graph-no-recompute", "graph mode with config.recompute_activations=False: what the recompute pass "
             "(remat.py) buys", _dualmode_step("graph", recompute=False), compiles=True),
+    Variant("graph-malloc", "graph mode with config.reuse_buffers=False: its step's buffers from malloc at every "
+            "call, as before round 12 (what step_buffers.py buys)", _dualmode_step("graph", reuse=False),
+            compiles=True),
 )}
 # What a plain `dualmode bench` runs; the others are there to be asked for with --modes.
 DEFAULT_VARIANTS = ("eager", "graph", "torch-eager", "torch-compile", "fwd-bwd-eager", "fwd-bwd-compile",
