@@ -9,14 +9,15 @@ pages again each time, one fault and a page of zeros per 4 KiB. MobileNetV2 b64'
 
 `step_buffers.cpp` is a CPU allocator that passes every request through to the one it replaced, except those
 of 128 KiB and more made on a thread inside a graph-mode call: those come from that TrainGraph's pool, which
-keeps the blocks its tensors freed, by exact size, for the next call. At the end of a call, the blocks that
-were free when it began and that it did not take go back to malloc, so a pool holds what one call used. Eager
-mode, the user's code between calls, and every other thread allocate as before.
+keeps the blocks its tensors freed for the next call; a block serves a request of its size or down to half of it
+(exact sizes alone held 1151 MiB at MobileNetV2 b64's peak, against 737; docs/bench.md, round 12). At the end
+of a call, the blocks that were free when it began and that it did not take go back to malloc, so a pool holds
+what one call used. Eager mode, the user's code between calls, and every other thread allocate as before.
 
 The price is memory: between calls the process keeps the step's freed buffers (about the step's peak) instead
 of giving them back. `config.reuse_buffers = False` gives them back at the next call and uses malloc alone.
 
-The library is built with inductor's C++ compiler (about a second) into inductor's cache directory, once per
+The library is built with inductor's C++ compiler (1.3 to 1.5 s here) into inductor's cache directory, once per
 torch version and compiler, and loaded with ctypes. Where that cannot be done (no compiler, a read-only cache,
 not Linux) or another CPU allocator holds torch's slot, a RuntimeWarning says why, once, and the step allocates
 from malloc as before.
