@@ -3,9 +3,10 @@
 //
 // Once installed it is torch's CPU allocator for the process, and hands every request to the allocator it
 // replaced except on a thread inside a pool's call (pool_enter .. pool_exit), for requests of kMinBytes or more.
-// Those come from the pool's freed blocks of exactly that size, or new ones; a block goes back to its pool when
-// its tensor is freed, whenever that is. At the end of a call, the blocks the call found free and did not take
-// go back to malloc: a pool holds what its last call used (a new batch size does not keep the old one's).
+// Those come from the pool's freed blocks (the smallest that fits, up to twice the request), or new ones; a
+// block goes back to its pool when its tensor is freed, whenever that is. At the end of a call, the blocks the
+// call found free and did not take go back to malloc: a pool holds what its last call used (a new batch size
+// does not keep the old one's).
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
