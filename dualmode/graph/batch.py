@@ -12,6 +12,8 @@ sizes, while its other assumptions (guards) are checked once per new tuple of si
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import sympy
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -78,6 +80,18 @@ class BatchGuard:
     def __init__(self, env: ShapeEnv, symbols: dict):
         self.env, self.symbols = env, symbols
         self._checked: dict[tuple, bool] = {}
+
+    def lasting(self) -> dict:
+        """What `holds` checks, for a saved trace (saved_trace.py): symbols, conditions and ranges (sympy)."""
+        return {"symbols": self.symbols, "guards": [g.expr for g in self.env.guards],
+                "ranges": {s: self.env.var_to_range[s] for s in self.symbols.values() if s in self.env.var_to_range}}
+
+    @classmethod
+    def restored(cls, saved: dict) -> BatchGuard:
+        """The guard of a saved trace: its conditions as `lasting()` gave them (no batch size fixed: not saved)."""
+        env = SimpleNamespace(guards=[SimpleNamespace(expr=e) for e in saved["guards"]],
+                              var_to_range=saved["ranges"], replace=lambda symbol: symbol)
+        return cls(env, saved["symbols"])
 
     @property
     def fixed(self) -> list[int]:

@@ -70,7 +70,7 @@ def fingerprint(value, depth: int = 2):
     return _Same(value)
 
 
-class _Reads:
+class Reads:
     """The attributes read during a trace: {id(obj): (obj, names found on the instance, names looked up)}."""
 
     def __init__(self):
@@ -92,7 +92,7 @@ def recording(classes: tuple[type, ...]):
     watched so that an instance attribute of that name appearing later (a replaced submodule, a patched
     `forward`) is seen.
     """
-    reads = _Reads()
+    reads = Reads()
     base_get = object.__getattribute__
 
     def getattribute(obj, name):
@@ -138,6 +138,11 @@ class _Watch:
         self.print = _shown(self.ref)
         self.kind = _kind(self.ref)
 
+    @property
+    def absent(self) -> bool:
+        """The attribute was not set when traced."""
+        return self.ref is _MISSING
+
 
 def _kind(value) -> str:
     if value is _MISSING or _by_identity(value):
@@ -179,7 +184,7 @@ class Guard:
         self._full = [k for k, items in enumerate(self._items) if items]
 
     @classmethod
-    def from_reads(cls, reads: _Reads, labels: dict[int, str], skip_on_owner: frozenset) -> Guard:
+    def from_reads(cls, reads: Reads, labels: dict[int, str], skip_on_owner: frozenset) -> Guard:
         watches = []
         for obj, on_instance, looked_up in reads.by_object.values():
             label = labels.get(id(obj)) or f"a {type(obj).__name__} outside the step"

@@ -13,11 +13,11 @@ from operator import attrgetter
 import torch
 from torch.nn.modules import module as torch_module
 
-from dualmode.graph.guards import _MISSING, _Reads, _shown
+from dualmode.graph.guards import _MISSING, Reads, _shown
 from dualmode.graph.report import TraceError
 
 
-def check_per_call_reads(reads: _Reads, owner, owner_name: str, per_call: frozenset) -> None:
+def check_per_call_reads(reads: Reads, owner, owner_name: str, per_call: frozenset) -> None:
     """TraceError when build() read an attribute of the step that changes at every call (step_count)."""
     entry = reads.by_object.get(id(owner))
     for name in sorted(per_call & entry[1]) if entry else ():

@@ -114,6 +114,7 @@ class CompileRecord:
     updates: list[str] = field(default_factory=list)  # how each group's update was compiled (plans.py)
     batch: str = "static"  # how the batch dimension was traced (batch.py)
     split: object = None  # compile.CompileSplit of the first call: seconds of each stage, kernels
+    trace_source: str = ""  # with config.trace_cache: loaded from a saved trace, saved, or why not (saved_trace.py)
 
 
 @dataclass
@@ -176,6 +177,8 @@ class Explanation:
             lines += [f"     update {u}" for u in r.updates]
             if r.split is not None:
                 lines.append(f"     first call: trace {r.trace_s:.2f} s, {r.split}; batch dimension: {r.batch}")
+            if r.trace_source:
+                lines.append(f"     trace: {r.trace_source}")
         if self.buffers is not None:
             lines.append(f"step buffers: {self.buffers}")
         return "\n".join(lines)

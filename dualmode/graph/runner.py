@@ -37,6 +37,7 @@ from dualmode.graph.progress import CompileProgress
 from dualmode.graph.randomness import eager_random
 from dualmode.graph.remat import RecomputePass
 from dualmode.graph.report import FIRST, CompileRecord, RecompileLimitError, RecompileWarning
+from dualmode.graph.saved_trace import Traced, TraceStore
 from dualmode.graph.step_buffers import RunnerBuffers
 from dualmode.graph.trace import StepTracer, trace_step
 from dualmode.graph.warm_up import BackendWarmUp
@@ -172,7 +173,8 @@ class GraphRunner:
         with CompileProgress(what) as progress, compiling(recompute), eager_random(), torch.no_grad(), buffers:
             outs = compiled.fn(*inputs)
             record.split = timer.split(compiled.fn.compile_s, compiled.fn.wait_s)
-            progress.summary = f"trace {record.trace_s:.2f} s, {record.split}"
+            loaded = record.trace_source.startswith("loaded")
+            progress.summary = f"{'loaded trace' if loaded else 'trace'} {record.trace_s:.2f} s, {record.split}"
         record.first_call_s = time.perf_counter() - start
         if recompute is not None:
             # The pass does not run when inductor's FX graph cache supplies the compiled graph.
@@ -200,15 +202,15 @@ class GraphRunner:
         options = {k: v for k, v in config.compile_options.items() if v is not None}
         warm_up = BackendWarmUp.start(options, examples)
         start = time.perf_counter()
-        fakes, batch_guard = fake_examples(slots, examples, batch)
-        gm, used, tracer = trace_step(call, slots, fakes)
+        traced = self._traced(call, parts, slots, examples, batch)
+        gm, used, tracer, batch_guard = traced.gm, traced.used, traced.tracer, traced.batch_guard
         trace_s = time.perf_counter() - start
         guard = guards.Guard.from_reads(tracer.reads, tracer.labels, OWN_ATTRIBUTES)
         fixed = batch_guard.fixed
         if fixed or not batch:
             batch_guard = None
         fn = compile_step(gm, options, warm_up)
-        record = CompileRecord(call.phase, reason, trace_s, inputs=len(used),
+        record = CompileRecord(call.phase, reason, trace_s, inputs=len(used), trace_source=traced.source,
                                nodes=sum(n.op == "call_function" for n in gm.graph.nodes),
                                collectives=collectives.summary(gm, tracer.reducer))
         if call.plan is not None:
@@ -227,6 +229,28 @@ class GraphRunner:
         fetch.traced_layouts([examples[i] for i in used])
         cpu = all(e.device.type == "cpu" for e in examples if isinstance(e, torch.Tensor))
         return _Compiled(fn, gm, fetch.slots, tracer, guard, record, recompute, batch_guard, fetch, cpu)
+
+    @staticmethod
+    def _traced(call: StepCall, parts: dict, slots: list, examples: list, batch: BatchDims) -> Traced:
+        """The traced step: loaded from a saved trace where config.trace_cache allows and it matches, else
+        traced; with config.trace_cache, saved and loaded back at once, as the next process will load it."""
+        fakes, batch_guard = fake_examples(slots, examples, batch)
+        store = TraceStore.for_config(call.step.config)
+        if store is None:
+            return Traced(*trace_step(call, slots, fakes), batch_guard)
+        loaded, unused = store.load(call, parts, slots, fakes)
+        if loaded is not None:
+            return loaded
+        traced = Traced(*trace_step(call, slots, fakes), batch_guard)
+        why = store.save(call, parts, traced)
+        saved = "not saved: " + why if why is not None else f"saved for later processes ({store.directory})"
+        if why is None:
+            loaded, why = store.load(call, parts, slots, fake_examples(slots, examples, batch)[0])
+            if loaded is None:  # a description that differs within one process: a bug in lasting.py
+                saved = f"saved, but it does not load back ({why})"
+        traced = loaded or traced
+        traced.source = (f"traced ({unused}); " if unused else "traced; ") + saved
+        return traced
 
     def _register(self, key: tuple, parts: dict, compiled: _Compiled) -> None:
         """Cache and count a variant once its first run succeeded."""

@@ -36,6 +36,10 @@ class StepConfig:
         reuse_buffers: graph mode on the CPU keeps the buffers its compiled step frees for its next call
             instead of giving them back to malloc, which would fault them in again at every step (the price: the
             step's freed buffers stay allocated between calls; step_buffers.py). False gives them back.
+        trace_cache: graph mode saves each traced step in inductor's cache directory, and a later process loads
+            it instead of tracing build() again when the step, its source files and every value its trace read
+            are as they were (saved_trace.py says what is compared, and what is not: values read from the
+            environment or files). Off by default; `explain()` says whether a trace was loaded, and why not.
         dynamic_batch: graph mode traces the first dimension of each tensor argument as a symbol, so a new
             batch size (a DataLoader's short last batch) runs the compiled step without compiling again.
 
@@ -67,6 +71,7 @@ class StepConfig:
     recompute_activations: bool = True
     dynamic_batch: bool = True
     reuse_buffers: bool = True
+    trace_cache: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -94,7 +99,7 @@ class StepConfig:
         if unknown:
             raise ValueError(f"config.compile_options has unknown keys {sorted(unknown)}; "
                              "allowed: backend, mode, dynamic, options")
-        for name in ("check_finite", "recompute_activations", "dynamic_batch", "reuse_buffers"):
+        for name in ("check_finite", "recompute_activations", "dynamic_batch", "reuse_buffers", "trace_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"config.{name} must be True or False, got {getattr(self, name)!r}")
         r = self.max_recompiles
