@@ -33,7 +33,7 @@ def test_defaults_run_every_variant_but_the_recompute_comparison():
     assert (args.burst, args.pause_ms, args.compile_mode) == (1, bench.PAUSE_MS, None)
     assert args.modes == ["eager", "graph", "torch-eager", "torch-compile", "fwd-bwd-eager", "fwd-bwd-compile",
                           "floor-fused-update"]
-    assert set(VARIANTS) == set(args.modes) | {"graph-no-recompute", "graph-malloc"}
+    assert set(VARIANTS) == set(args.modes) | {"graph-no-recompute", "graph-malloc", "graph-saved-trace"}
 
 
 def test_the_floor_with_a_fused_update_is_the_same_sgd_step_as_torch_optim():

@@ -63,7 +63,7 @@ def test_help_lists_the_options():
     assert code == 0
     for option in ("--mode", "--data", "--epochs", "--max-steps", "--batch-size", "--plot", "--lr", "--momentum",
                    "--width-mult", "--decay-every", "--backend", "--seed", "--checkpoint", "--checkpoint-every",
-                   "--keep-freed-memory"):
+                   "--keep-freed-memory", "--trace-cache"):
         assert option in out
 
 
@@ -256,3 +256,14 @@ def test_batchnorm_statistics_are_re_estimated_from_the_chosen_batches():
     torch.testing.assert_close(model[1].running_mean, features.mean(dim=(0, 2, 3)))
     torch.testing.assert_close(model[1].running_var, features.var(dim=(0, 2, 3)))
     assert model[1].momentum == 0.1 and model.training
+
+
+def test_a_restarted_run_with_trace_cache_loads_the_traced_step(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    said = []
+    for _ in range(2):
+        code, out, err = run_cli("tutorial", "--mode", "graph", *QUICK, "--max-steps", "1", "--trace-cache")
+        assert code == 0, err
+        said.append(next(line for line in out.splitlines() if line.startswith("graph mode: trace: ")))
+    assert said[0] == f"graph mode: trace: traced; saved for later processes ({tmp_path}/dualmode/traces)"
+    assert said[1].startswith("graph mode: trace: loaded from a saved trace in ")

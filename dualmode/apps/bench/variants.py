@@ -119,11 +119,12 @@ class BenchStep(dm.TrainGraph):
         return loss
 
 
-def _dualmode_step(mode: str, recompute: bool = True, reuse: bool = True) -> Callable[[BenchSettings], Callable]:
+def _dualmode_step(mode: str, recompute: bool = True, reuse: bool = True,
+                   trace_cache: bool = False) -> Callable[[BenchSettings], Callable]:
     def make(settings: BenchSettings) -> Callable:
         model = distribute(make_model(settings), settings)
         config = dm.StepConfig(compile_options=settings.compile_options, recompute_activations=recompute,
-                               reuse_buffers=reuse)
+                               reuse_buffers=reuse, trace_cache=trace_cache)
         return BenchStep(model, make_sgd(make_groups(model)), mode=mode, config=config)
 
     return make
@@ -211,6 +212,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("graph-malloc", "graph mode with config.reuse_buffers=False: its step's buffers from malloc at every "
             "call, as before round 12 (what step_buffers.py buys)", _dualmode_step("graph", reuse=False),
             compiles=True),
+    Variant("graph-saved-trace", "graph mode with config.trace_cache=True: a later process loads the traced step "
+            "instead of tracing build() again (saved_trace.py; the first run saves it)",
+            _dualmode_step("graph", trace_cache=True), compiles=True),
 )}
 # What a plain `dualmode bench` runs; the others are there to be asked for with --modes.
 DEFAULT_VARIANTS = ("eager", "graph", "torch-eager", "torch-compile", "fwd-bwd-eager", "fwd-bwd-compile",

@@ -106,6 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="call dm.keep_freed_memory() first: glibc keeps freed memory, so each step reuses its "
                              "buffers instead of faulting in fresh pages (faster on a CPU; see docs/performance.md)")
+    parser.add_argument("--trace-cache", action="store_true",
+                        help="graph mode saves its traced step, and a restarted run loads it instead of tracing "
+                             "again (config.trace_cache; see docs/modes.md)")
 
 
 def _fail(message: str) -> int:
@@ -163,7 +166,7 @@ def _run(args: argparse.Namespace, launch: Launch) -> int:
                                 epochs=args.epochs, max_steps=args.max_steps, width_mult=args.width_mult,
                                 decay_every=args.decay_every, seed=args.seed, backend=args.backend,
                                 bn_batches=args.bn_batches, checkpoint=args.checkpoint,
-                                checkpoint_every=args.checkpoint_every)
+                                checkpoint_every=args.checkpoint_every, trace_cache=args.trace_cache)
     problem = (_check_plot_path(args.plot) or _check_backend(args.backend if "graph" in modes else None)
                or _check_checkpoint_folder(args.checkpoint))
     if problem:

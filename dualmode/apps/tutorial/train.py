@@ -51,6 +51,7 @@ class TutorialSettings:
     bn_batches: int
     checkpoint: str | None = None  # a folder: save every `checkpoint_every` steps, resume from it when restarted
     checkpoint_every: int = 50
+    trace_cache: bool = False  # graph mode's config.trace_cache: a restarted run loads the traced step
 
 
 @dataclass
@@ -142,7 +143,7 @@ def tutorial_step(mode: str, model: nn.Module, settings: TutorialSettings, say) 
     """
     groups = resolve_groups(tutorial_rules(dm.bare_model(model), mode, settings.lr), model, say)
     optimizer = torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
-    config = dm.StepConfig()
+    config = dm.StepConfig(trace_cache=settings.trace_cache)
     config.compile_options["backend"] = settings.backend
     step = MobileNetV2Step(model, nn.CrossEntropyLoss(), optimizer, mode=mode, config=config)
     say(str(step))
@@ -192,6 +193,8 @@ def train(mode: str, model: nn.Module, data, settings: TutorialSettings, console
                 start = time.perf_counter()
                 loss = step(x, y).item()
                 result.step_seconds.append(time.perf_counter() - start)
+            if compiling and settings.trace_cache:
+                console.say(f"graph mode: trace: {step.explain().compiles[0].trace_source}")
             loss = launch.mean(loss)
             result.losses.append(loss)
             result.batch_sizes.append(len(y) * launch.world)
