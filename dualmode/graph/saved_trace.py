@@ -63,8 +63,9 @@ class Traced:
 class TraceStore:
     """The saved traces of one cache directory."""
 
-    def __init__(self, directory: str):
-        self.directory = directory
+    def __init__(self, directory: str | None, problem: str = ""):
+        self.directory = directory  # None: no cache directory (`problem` says why); nothing loaded or saved
+        self.problem = problem
 
     @staticmethod
     def for_config(config) -> TraceStore | None:
@@ -72,20 +73,26 @@ class TraceStore:
             return None
         from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-        return TraceStore(os.path.join(cache_dir(), "dualmode", "traces"))
+        try:
+            return TraceStore(os.path.join(cache_dir(), "dualmode", "traces"))
+        except OSError as error:  # cache_dir() creates the directory: a read-only file system, say
+            return TraceStore(None, f"inductor's cache directory cannot be made ({error})")
 
     def load(self, call, parts: dict, slots: list, fakes: list) -> tuple[Traced | None, str]:
         """The saved trace of this call, checked against it; or None and why it was not used ("" if none)."""
         start = time.perf_counter()
         key = key_text(call, parts)
         path = self._path(key)
-        if not os.path.exists(path):
+        if self.directory is None or not os.path.exists(path):
             return None, ""
         try:
             saved = torch.load(path, weights_only=False)
-            stale = _stale(saved, call, key)
         except Exception as error:  # an unreadable or foreign file: traced again and written anew
-            stale = f"its file could not be read ({type(error).__name__}: {error})"
+            return None, f"the saved trace was not used: its file could not be read ({type(error).__name__}: {error})"
+        try:
+            stale = _stale(saved, call, key)
+        except Exception as error:  # a file of another format, or a check that failed: said, never a crash
+            stale = f"checking it failed ({type(error).__name__}: {error})"
         if stale is not None:
             return None, f"the saved trace was not used: {stale}"
         tracer = StepTracer(call, slots)
@@ -101,6 +108,8 @@ class TraceStore:
 
     def save(self, call, parts: dict, traced: Traced) -> str | None:
         """Save a fresh trace; None when saved, else why not."""
+        if self.directory is None:
+            return self.problem
         try:
             saved = _contents(call, key_text(call, parts), traced)
         except NotLasting as why:
@@ -123,7 +132,7 @@ class TraceStore:
         return None
 
     def _path(self, key: str) -> str:
-        return os.path.join(self.directory, hashlib.sha256(key.encode()).hexdigest()[:40] + ".pt")
+        return os.path.join(self.directory or "", hashlib.sha256(key.encode()).hexdigest()[:40] + ".pt")
 
 
 def key_text(call, parts: dict) -> str:

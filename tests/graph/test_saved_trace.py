@@ -49,6 +49,16 @@ class Step(dm.TrainGraph):
         return loss
 
 
+class Evaluate(dm.TrainGraph):  # no optimizer: an evaluation graph, saved and loaded as well
+    def __init__(self, model, mode):
+        super().__init__(mode=mode, config=dm.StepConfig(compile_options={"backend": "aot_eager"},
+                                                         trace_cache=settings.get("cache", True)))
+        self.model = model
+
+    def build(self, x):
+        return self.model(x).softmax(dim=1)
+
+
 def run(mode):
     torch.manual_seed(0)
     step = Step(mode)
@@ -57,12 +67,16 @@ def run(mode):
     for size in (6, 6, 5):  # a short last batch: the saved step has a symbolic batch dimension
         x, y = torch.randn(size, 8, generator=data), torch.randint(0, 4, (size,), generator=data)
         losses.append(float(step(x, y)))
-    return step, losses, [p.detach().flatten().tolist() for p in step.model.parameters()]
+    step.model.eval()
+    evaluate = Evaluate(step.model, mode)
+    probabilities = evaluate(torch.randn(4, 8, generator=data)).flatten().tolist()
+    params = [p.detach().flatten().tolist() for p in step.model.parameters()]
+    return step, evaluate, losses, params + [probabilities]
 
 
-graph, losses, params = run("graph")
-_, eager_losses, eager_params = run("eager")
-sources = [r.trace_source for r in graph.explain().compiles]
+graph, evaluate, losses, params = run("graph")
+_, _, eager_losses, eager_params = run("eager")
+sources = [r.trace_source for r in graph.explain().compiles + evaluate.explain().compiles]
 print(json.dumps({"losses": losses, "params": params, "eager_losses": eager_losses, "eager_params": eager_params,
                   "sources": sources, "compiles": graph.compile_count}))
 '''
@@ -92,10 +106,10 @@ def _close(a, b):
 
 def test_a_later_process_loads_the_trace_until_something_it_read_changes(program):
     first = program()
-    assert first["sources"] == [f"traced; saved for later processes ({program.traces})"]
-    assert len(list(program.traces.iterdir())) == 1
+    assert first["sources"] == [f"traced; saved for later processes ({program.traces})"] * 2  # step, evaluation
+    assert len(list(program.traces.iterdir())) == 2
     second = program()
-    assert second["compiles"] == 1 and second["sources"][0].startswith("loaded from a saved trace in ")
+    assert second["compiles"] == 1 and all(s.startswith("loaded from a saved trace in ") for s in second["sources"])
     assert second["losses"] == first["losses"] and second["params"] == first["params"]  # bitwise
     assert _close(second["losses"], second["eager_losses"]) and _close(second["params"], second["eager_params"])
 
@@ -105,8 +119,8 @@ def test_a_later_process_loads_the_trace_until_something_it_read_changes(program
                         ({"hook": 2.0}, "model.2._forward_hooks differs")]:  # a value in a hook's closure
         settings.update(change)
         changed = program(**settings)
-        assert changed["sources"] == [f"traced (the saved trace was not used: {why}); saved for later processes "
-                                      f"({program.traces})"]
+        assert changed["sources"][0] == (f"traced (the saved trace was not used: {why}); saved for later "
+                                         f"processes ({program.traces})")
         assert changed["losses"] != first["losses"]
         assert _close(changed["losses"], changed["eager_losses"])
         assert _close(changed["params"], changed["eager_params"])
@@ -116,15 +130,16 @@ def test_a_later_process_loads_the_trace_until_something_it_read_changes(program
     edited = program(**settings)
     assert edited["sources"][0].startswith(f"traced (the saved trace was not used: {program.path} changed)")
     assert _close(edited["losses"], edited["eager_losses"])
-    assert len(list(program.traces.iterdir())) == 1  # one file per cache key, the latest trace
+    assert len(list(program.traces.iterdir())) == 2  # one file per cache key, the latest trace
 
 
 def test_a_value_without_meaning_in_another_process_is_not_saved(program):
     run = program(lock=True)
-    assert run["sources"] == ["traced; not saved: Step.lock: a _thread.lock value"]
-    assert not program.traces.exists()
+    assert run["sources"][0] == "traced; not saved: Step.lock: a _thread.lock value"
+    assert run["sources"][1].startswith("traced; saved")  # the evaluation graph read no lock
+    assert len(list(program.traces.iterdir())) == 1
 
 
 def test_off_by_default_nothing_is_saved(program):
-    assert program(cache=False)["sources"] == [""]
+    assert program(cache=False)["sources"] == ["", ""]
     assert not program.traces.exists()
