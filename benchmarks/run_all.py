@@ -33,9 +33,10 @@ from results_readme import write_readme  # noqa: E402
 BACKEND = "inductor"
 STEPS = {"mlp": ("--steps", "100", "--warmup", "2", "--burst", "10"),
          # graph-no-recompute: graph mode without remat.py's pass; graph-malloc: without step_buffers.py's pool;
-         # in the same interleaved run.
+         # graph-saved-trace: with config.trace_cache (the b32 run saves the trace, the b64 run loads it: the batch
+         # dimension is a symbol); in the same interleaved run.
          "mobilenet_v2": ("--steps", "12", "--warmup", "2", "--modes", *DEFAULT_VARIANTS, "graph-no-recompute",
-                          "graph-malloc")}
+                          "graph-malloc", "graph-saved-trace")}
 RUNS = [("mlp", 32), ("mlp", 64), ("mobilenet_v2", 32), ("mobilenet_v2", 64)]
 # The cold runs are there for the first calls: the compiled variants only, a few steps, an empty inductor cache
 # per variant, each in its own process; twice, in opposite orders, so that neither side always compiles first.

@@ -82,6 +82,10 @@ def targets(model: str, variants: dict, batch: int | None = None) -> list[dict]:
             check(f"first call / torch.compile's first forward+backward <= {COLD_FIRST_CALL_VS_TORCH_COMPILE}",
                   graph["first_call_s"] / ok[same[0]]["first_call_s"], COLD_FIRST_CALL_VS_TORCH_COMPILE,
                   f"{graph['first_call_s']:.1f} s vs {ok[same[0]]['first_call_s']:.1f} s ({same[0]}), caches {state}")
+    saved = ok.get("graph-saved-trace", {})
+    if saved.get("cache_state") == "warm" and saved.get("trace_source", "").startswith("loaded"):
+        check(f"first call with a warm cache and the saved trace (config.trace_cache) <= {WARM_FIRST_CALL_S} s",
+              saved["first_call_s"], WARM_FIRST_CALL_S, "graph-saved-trace")
     if "eager" in ok:
         for key, what in (("peak_timed_steps_mb", "during the timed steps"),
                           ("peak_through_warmup_mb", "through the first call and warm-up")):

@@ -116,7 +116,10 @@ class VariantProcess:
             reply["join_s"] = start - joined
         explain = getattr(self.step, "explain", None)
         if explain is not None and self.step.mode == "graph" and self.step.compile_count:
-            reply["trace_s"] = explain().compiles[0].trace_s
+            first = explain().compiles[0]
+            reply["trace_s"] = first.trace_s
+            if first.trace_source:  # config.trace_cache: loaded, saved, or why neither
+                reply["trace_source"] = first.trace_source
         return reply
 
     def time_steps(self, timed: str = "1", untimed: str = "0") -> dict:
