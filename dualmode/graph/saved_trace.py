@@ -152,8 +152,7 @@ def _contents(call, key: str, traced: Traced) -> dict:
         raise NotLasting("build() fixes the batch size")
     traced.gm.__dict__.pop("shape_env", None)  # make_fx's; the compile drops it too (compile.py)
     objects = _objects(call)
-    labels = {id(obj): label for label, obj in objects.items()}
-    describer = Describer(labels, {id(t): n for t, n in zip(call.tensors.tensors, call.tensors.names)})
+    labels, describer = _describer(call, objects)
     reads = []
     for obj, on_instance, looked_up in tracer.reads.by_object.values():
         if id(obj) not in labels:
@@ -188,8 +187,7 @@ def _stale(saved: dict, call, key: str) -> str | None:
         if file_hash(path) != digest:
             return f"{path} changed"
     objects = _objects(call)
-    labels = {id(obj): label for label, obj in objects.items()}
-    describer = Describer(labels, {id(t): n for t, n in zip(call.tensors.tensors, call.tensors.names)})
+    labels, describer = _describer(call, objects)
     try:
         reads = _reads(saved["reads"], objects)
         now = _watched(reads, labels, describer)
@@ -234,6 +232,12 @@ def _objects(call) -> dict:
             found.setdefault(id(sub), sub)
     labels = guards.module_labels(owner, call.step.name, call.modules)
     return {labels[i]: obj for i, obj in found.items() if i in labels}
+
+
+def _describer(call, objects: dict) -> tuple[dict, Describer]:
+    """{id: label} of the step's objects, and a Describer that names them and the step's parameters and buffers."""
+    labels = {id(obj): label for label, obj in objects.items()}
+    return labels, Describer(labels, {id(t): n for t, n in zip(call.tensors.tensors, call.tensors.names)})
 
 
 def _set_examples(gm: torch.fx.GraphModule, examples: list) -> None:
