@@ -115,7 +115,8 @@ def mark_stepped(optimizer: torch.optim.Optimizer) -> None:
     Schedulers read this flag to warn about `lr_scheduler.step()` before `optimizer.step()`; graph mode updates
     without calling `optimizer.step()`, so it sets the flag itself. Private to torch: set only where torch has it.
     """
-    if hasattr(optimizer, "_opt_called") or hasattr(optimizer.step, "_wrapped_by_lr_sched"):
+    held = vars(optimizer)  # a scheduler's wrapper of step() is an instance attribute: no bound method made
+    if "_opt_called" in held or hasattr(held.get("step"), "_wrapped_by_lr_sched"):
         optimizer._opt_called = True
 
 
