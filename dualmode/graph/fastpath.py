@@ -45,30 +45,27 @@ def _immutable(value) -> bool:
 
 
 def _entries(group: dict) -> tuple[tuple, tuple | None, tuple]:
-    """The group's keys (but params), their values, and a copy of each list of immutable values in them (a
+    """The group's keys (params too), their values, and a copy of each list of immutable values in them (a
     resolver's `names`, a list of betas), by key.
 
     Immutable is what the guard compares by value (guards.IMMUTABLE). A list can change in place, which identity
-    would not tell: its copy is compared by value. None for the values if one of them is neither (a tensor, a
-    list holding one): such a group's settings are recomputed at every call."""
-    keys = tuple(k for k in group if k != "params")
-    values = tuple(map(group.__getitem__, keys))
-    lists = tuple((k, tuple(v)) for k, v in zip(keys, values) if type(v) is list and all(map(_immutable, v)))
+    would not tell: its copy is compared by value (the params list is compared apart, by identity of its items).
+    None for the values if one of them is neither (a tensor, a list holding one): such a group's settings are
+    recomputed at every call."""
+    keys, values = tuple(group), tuple(group.values())
+    lists = tuple((k, tuple(v)) for k, v in zip(keys, values)
+                  if k != "params" and type(v) is list and all(map(_immutable, v)))
     listed = {k for k, _ in lists}
-    if not all(_immutable(v) for k, v in zip(keys, values) if k not in listed):
+    if not all(_immutable(v) for k, v in zip(keys, values) if k not in listed and k != "params"):
         return keys, None, ()
     return keys, values, lists
 
 
 def _unchanged(group: dict, keys: tuple, held: tuple | None, lists: tuple) -> bool:
-    """The group holds exactly these entries, the very same objects, and its lists the same values."""
-    if held is None or len(group) != len(keys) + 1:
-        return False
-    try:
-        return (all(map(is_, map(group.__getitem__, keys), held))
-                and all(tuple(group[k]) == copy for k, copy in lists))
-    except KeyError:  # an entry replaced by another of a new name
-        return False
+    """The group holds exactly these entries, the very same objects in the same order, and its lists the same
+    values (keys and values compared by identity in C, without a lookup per key)."""
+    return (held is not None and len(group) == len(keys) and all(map(is_, group, keys))
+            and all(map(is_, group.values(), held)) and all(tuple(group[k]) == copy for k, copy in lists))
 
 
 class LastCall:
