@@ -13,7 +13,7 @@ would.
 
 from __future__ import annotations
 
-from operator import attrgetter
+from operator import attrgetter, is_
 
 import torch
 
@@ -23,6 +23,7 @@ from dualmode.graph.slots import ArgSlot, GradSlot, HasBufferSlot, HyperSlot, St
 
 TENSOR, ARG, HYPER, STATE, HAS_BUFFER, OTHER, PARAMETER_STATE, GROUP_HYPER = range(8)
 _VERSION = attrgetter("_version")
+_NO_STATE: dict = {}  # an eval step's optimizer state: none (only read)
 
 
 class FetchPlan:
@@ -59,6 +60,7 @@ class FetchPlan:
         self.checked = [i for i, slot in enumerate(slots) if type(slot) in (StateSlot, GradSlot)]
         self._layouts = None
         self._check: LayoutCheck | None = None
+        self._steady: _Steady | None = None  # the last call's inputs after the arguments
 
     def traced_layouts(self, examples: list) -> None:
         """Note the (shape, strides, dtype) the trace saw for the checked slots."""
@@ -81,9 +83,13 @@ class FetchPlan:
 
     def inputs(self, call: StepCall, scalars: dict) -> list[torch.Tensor]:
         tensors, leaves = call.tensors.tensors, call.leaves
-        state = call.optimizer.state if call.optimizer is not None else {}
+        state = call.optimizer.state if call.optimizer is not None else _NO_STATE
         out = list(map(tensors.__getitem__, self._tensor_run))
         out += map(leaves.__getitem__, self._arg_run)
+        if self._steady is not None and self._steady.holds(call, state):
+            out += self._steady.rest
+            return out
+        rest, looked_up, hypers, made = [], [], [], []  # what the rest was made of, for the next call's `_Steady`
         for i, step in self._rest:
             kind = step[0]
             if kind == PARAMETER_STATE:  # one parameter's state slots: its state looked up once (a Python hash)
@@ -93,27 +99,39 @@ class FetchPlan:
                         t = held.get(sub[2]) if held is not None else None
                         if t is None:
                             t = call.fetch(sub[3], scalars)
-                            held = state.get(tensors[step[1]])
-                        out.append(t)
+                            held, looked_up = state.get(tensors[step[1]]), None
+                        elif looked_up is not None:
+                            looked_up.append((held, sub[2], t))
+                        rest.append(t)
                     else:  # HAS_BUFFER: whether the state held the lazy buffer before this call
                         has = held is not None and held.get(call.plan.lazy) is not None
-                        out.append(self._scalar(j, sub[3], has, torch.bool, scalars))
+                        if looked_up is not None and held is not None:
+                            looked_up.append((held, call.plan.lazy, held.get(call.plan.lazy)))
+                        made.append(self._scalar(j, sub[3], has, torch.bool, scalars))
+                        rest.append(made[-1])
             elif kind == GROUP_HYPER:  # one group's runtime scalars
                 values = call._hyper(step[1])
+                if hypers is not None:
+                    hypers.append((step[1], values))
                 last = self._last_hyper.get(i)
                 if last is not None and last[0] is values and list(map(_VERSION, last[1])) == last[2]:
-                    out += last[1]  # the very values of the last call (fastpath.py), in tensors nobody wrote since
+                    rest += last[1]  # the very values of the last call (fastpath.py), in tensors nobody wrote since
+                    made += last[1]
                     continue
                 filled = [self._hyper_input(j, sub, values, call, scalars) for j, sub in step[2]]
-                out += filled
+                rest += filled
+                made += filled
                 if not any(isinstance(v, torch.Tensor) for v in values.values()):  # a tensor may change in place
                     self._last_hyper[i] = (values, filled, list(map(_VERSION, filled)))
-            elif kind == TENSOR:
-                out.append(tensors[step[1]])
-            elif kind == ARG:
-                out.append(leaves[step[1]])
-            else:
-                out.append(call.fetch(step[1], scalars))
+                else:
+                    hypers = None
+            else:  # a gradient, or another input fetched at every call
+                looked_up = None
+                rest.append(tensors[step[1]] if kind == TENSOR else leaves[step[1]] if kind == ARG
+                            else call.fetch(step[1], scalars))
+        self._steady = (_Steady(call, state, looked_up, hypers, rest, made)
+                        if looked_up is not None and hypers is not None else None)
+        out += rest
         return out
 
     def _hyper_input(self, i: int, step: tuple, values: dict, call: StepCall, scalars: dict) -> torch.Tensor:
@@ -129,6 +147,35 @@ class FetchPlan:
         t = _scalar(scalars, slot, dtype).fill_(value)
         self._filled[i] = (t, value, t._version)
         return t
+
+
+class _Steady:
+    """The inputs after the arguments as the last call fetched them, and a cheap test that they still are.
+
+    They are the very objects the full loop would find again while: the parameters are the same list (a reused
+    walk, fastpath.py), the optimizer's state dict is the same object holding the same parameters' state dicts
+    in the same order (keys and values compared by identity in C: no tensor hash), every state tensor and lazy
+    buffer is still the one in its dict, each group's hyperparameter values are the very dict the last call used
+    (fastpath.py hands the same one on while the group is unchanged), and no runtime scalar was written since.
+    """
+
+    def __init__(self, call: StepCall, state: dict, looked_up: list, hypers: list, rest: list, made: list):
+        self.rest, self.made, self.versions = rest, made, list(map(_VERSION, made))
+        self.params, self.state, self.plan = call.tensors.tensors, state, call.plan
+        self.keys, self.held = list(state), list(state.values())
+        self.dicts = [d for d, _, _ in looked_up]
+        self.names = [name for _, name, _ in looked_up]
+        self.found = [t for _, _, t in looked_up]
+        self.groups, self.values = [gi for gi, _ in hypers], [values for _, values in hypers]
+        self.plain = all(type(d) is dict for d in self.held)  # dict.get reads a plain dict as .get would
+
+    def holds(self, call: StepCall, state: dict) -> bool:
+        return (self.plain and call.tensors.tensors is self.params and state is self.state and call.plan is self.plan
+                and len(state) == len(self.keys) and all(map(is_, state, self.keys))
+                and all(map(is_, state.values(), self.held))
+                and all(map(is_, map(dict.get, self.dicts, self.names), self.found))
+                and all(map(is_, map(call._hyper, self.groups), self.values))
+                and list(map(_VERSION, self.made)) == self.versions)
 
 
 def _run_end(kinds: list[int], start: int, kind: int) -> int:

@@ -226,3 +226,55 @@ def test_a_schedulers_new_lr_is_compared_by_identity_from_the_next_call_on(monke
             scheduler.step()
     assert graph.compile_count == 1
     train(graph, eager, [])
+
+
+def halve_a_momentum_buffer(step):
+    state = step.optimizer.state[step.model.fc1.weight]
+    state["momentum_buffer"] = state["momentum_buffer"] * 0.5  # a new tensor in the same dict
+
+
+def new_state_dict_of_a_parameter(step):
+    p = step.model.fc2.weight
+    step.optimizer.state[p] = {"momentum_buffer": step.optimizer.state[p]["momentum_buffer"] * -1.0}
+
+
+def forget_a_parameters_state(step):
+    del step.optimizer.state[step.model.head.bias]  # torch.optim starts its momentum afresh
+
+
+def write_a_buffer_in_place(step):
+    step.optimizer.state[step.model.fc1.bias]["momentum_buffer"].zero_()
+
+
+def reload_the_optimizer(step):
+    step.optimizer.load_state_dict(step.saved)
+
+
+STATE_CHANGES = [halve_a_momentum_buffer, new_state_dict_of_a_parameter, forget_a_parameters_state,
+                 write_a_buffer_in_place, reload_the_optimizer]
+
+
+@pytest.mark.parametrize("change", STATE_CHANGES, ids=lambda f: f.__name__)
+def test_optimizer_state_changed_after_steady_calls_is_fed_anew(change, monkeypatch):
+    # The steady fetch (graph/fetch.py) hands on the last call's state tensors while their dicts hold them: each
+    # change here must reach the compiled step as it reaches torch.optim, without a recompile.
+    from dualmode.graph import fetch
+
+    held = []
+    real = fetch._Steady.holds
+    monkeypatch.setattr(fetch._Steady, "holds", lambda self, *a: held.append(real(self, *a)) or held[-1])
+    graph, eager = pair()
+    data = batches(7)
+    train(graph, eager, data[:1])
+    for step in (graph, eager):
+        step.saved = copy.deepcopy(step.optimizer.state_dict())
+    train(graph, eager, data[1:4])
+    assert held[-2:] == [True, True]  # the steady path was taken before the change
+    before = len(held)
+    change(graph)
+    change(eager)
+    train(graph, eager, data[4:])
+    assert graph.compile_count == 1
+    # The first call after the change fetched anew (but after an in-place write: the same tensor is fed), and
+    # the steady path resumed.
+    assert held[before] is (change is write_a_buffer_in_place) and held[-1] is True
