@@ -8,7 +8,8 @@ holds it, looked up once per parameter) and the groups' runtime scalars: those p
 refilled only when the group's value changed since this plan last filled them and nothing else wrote them
 since (their version counter says so), which is exact: the compiled step only reads them. Missing optimizer
 state, gradients and tensor hyperparameters go through `StepCall.fetch`, which creates state the way torch.optim
-would.
+would. In steady calls even that loop is skipped: `_Steady` hands on the last call's inputs after the arguments
+while everything they were read from is the very same object.
 """
 
 from __future__ import annotations
