@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <mutex>
 #include <map>
 #include <unordered_map>
@@ -90,6 +91,31 @@ void give_back(void* data) {
   base_raw_deleter(data);  // the replaced allocator's (its own DataPtrs keep their own deleter)
 }
 
+// The smallest free block of the pool that fits, at most twice the size, or null; the mutex held. With exact
+// sizes only, the blocks kept for sizes used at different times of a step added up (MobileNetV2 b64: peak RSS
+// growth 1151 MiB, against 737 with this and 605 to 797 from malloc; docs/bench.md, round 12). No size in
+// `free` has an empty list (take and dm_pool_exit erase them), so the first size at or above `bytes` decides.
+Block* take(Pool* pool, size_t bytes) {
+  auto found = pool->free.lower_bound(bytes);
+  if (found == pool->free.end() || found->first > 2 * bytes) {
+    return nullptr;
+  }
+  Block* block = found->second.back();
+  found->second.pop_back();
+  if (found->second.empty()) {
+    pool->free.erase(found);
+  }
+  pool->held -= block->bytes;
+  return block;
+}
+
+c10::DataPtr hand_out(Block* block) {  // the mutex held
+  live.emplace(block->data, block);
+  in_use += block->bytes;
+  report(block, true);
+  return {block->data, block->data, &give_back, c10::Device(c10::DeviceType::CPU)};
+}
+
 class StepAllocator final : public c10::Allocator {
  public:
   c10::Allocator* base = nullptr;  // the allocator this one replaced
@@ -99,32 +125,15 @@ class StepAllocator final : public c10::Allocator {
     if (pool == nullptr || bytes < kMinBytes) {
       return base->allocate(bytes);
     }
-    Block* block = nullptr;
     {
-      std::lock_guard<std::mutex> lock(mutex);
-      // The smallest free block that fits, at most twice the size: with exact sizes only, the blocks kept for
-      // sizes used at different times of a step added up (MobileNetV2 b64: peak RSS growth 1151 MiB, against
-      // 737 with this and 605 to 797 from malloc; docs/bench.md, round 12).
-      for (auto found = pool->free.lower_bound(bytes); found != pool->free.end() && found->first <= 2 * bytes;
-           ++found) {
-        if (!found->second.empty()) {
-          block = found->second.back();
-          found->second.pop_back();
-          pool->held -= block->bytes;
-          break;
-        }
+      std::lock_guard<std::mutex> lock(mutex);  // one lock for a block found free: the common case
+      if (Block* block = take(pool, bytes)) {
+        return hand_out(block);
       }
     }
-    if (block == nullptr) {
-      block = new Block{c10::alloc_cpu(bytes), bytes, pool, 0};  // alloc_cpu throws when out of memory
-    }
-    {
-      std::lock_guard<std::mutex> lock(mutex);
-      live.emplace(block->data, block);
-      in_use += block->bytes;
-      report(block, true);
-    }
-    return {block->data, block->data, &give_back, c10::Device(c10::DeviceType::CPU)};
+    auto* block = new Block{c10::alloc_cpu(bytes), bytes, pool, 0};  // outside the lock; throws when out of memory
+    std::lock_guard<std::mutex> lock(mutex);
+    return hand_out(block);
   }
 
   c10::DeleterFnPtr raw_deleter() const override { return &give_back; }
@@ -171,18 +180,25 @@ int dm_installed() { return c10::GetCPUAllocator() == the_allocator() ? 1 : 0; }
 
 void* dm_pool_new() { return new Pool(); }
 
-void dm_pool_enter(void* handle) {
+// 1, and the pool serves this thread's requests until dm_pool_exit; 0 (and nothing done) where another
+// allocator replaced this one since dm_install: its requests would never reach the pool.
+int dm_pool_enter(void* handle) {
+  if (c10::GetCPUAllocator() != the_allocator()) {
+    return 0;
+  }
   auto* pool = static_cast<Pool*>(handle);
   std::lock_guard<std::mutex> lock(mutex);
   pool->calls += 1;
   current = pool;
+  return 1;
 }
 
 void dm_pool_exit(void* handle) {
   auto* pool = static_cast<Pool*>(handle);
   current = nullptr;
   std::lock_guard<std::mutex> lock(mutex);
-  for (auto& [bytes, blocks] : pool->free) {
+  for (auto sized = pool->free.begin(); sized != pool->free.end();) {
+    auto& blocks = sized->second;
     size_t kept = 0;
     for (Block* block : blocks) {
       if (block->freed_in_call < pool->calls) {  // free when this call began, and not taken
@@ -193,6 +209,7 @@ void dm_pool_exit(void* handle) {
       }
     }
     blocks.resize(kept);
+    sized = kept == 0 ? pool->free.erase(sized) : std::next(sized);  // no empty size left for take() to skip
   }
 }
 

@@ -53,7 +53,9 @@ class StepBuffers:
         self._release = weakref.finalize(self, lib.dm_pool_release, self._pool)
 
     def __enter__(self) -> None:
-        self._lib.dm_pool_enter(self._pool)
+        if not self._lib.dm_pool_enter(self._pool):  # another allocator took torch's slot: none of it comes here
+            _replaced()
+            self.release()
 
     def __exit__(self, *exc) -> None:
         self._lib.dm_pool_exit(self._pool)
@@ -85,6 +87,9 @@ class RunnerBuffers:
                 self.pool.release()
                 self.pool = None
             return MALLOC
+        if self.pool is not None and _library is None:  # the allocator was replaced since (_replaced said so)
+            self.pool.release()
+            self.pool, self.unusable = None, True
         if self.pool is None and cpu and not self.unusable:
             self.pool = step_buffers()
             self.unusable = self.pool is None
@@ -122,11 +127,19 @@ def step_buffers() -> StepBuffers | None:
     if _library is None:
         return None
     if not _library.dm_installed():
+        _replaced()
+        return None
+    return StepBuffers(_library)
+
+
+def _replaced() -> None:
+    """Say once that another CPU allocator replaced graph mode's since it was installed: every step's buffers
+    come from that one from now on."""
+    global _library, _failure
+    if _library is not None:
         warnings.warn("dualmode: graph mode's CPU allocator was replaced after it was installed; its step "
                       "buffers come from malloc from now on", RuntimeWarning, stacklevel=5)
         _library, _failure = None, "torch's CPU allocator was replaced after it was installed"
-        return None
-    return StepBuffers(_library)
 
 
 def _load() -> ctypes.CDLL:
@@ -145,7 +158,8 @@ def _load() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     for name, result, args in (("dm_install", ctypes.c_int, []), ("dm_installed", ctypes.c_int, []),
                                ("dm_pool_new", ctypes.c_void_p, []),
-                               ("dm_pool_enter", None, [ctypes.c_void_p]), ("dm_pool_exit", None, [ctypes.c_void_p]),
+                               ("dm_pool_enter", ctypes.c_int, [ctypes.c_void_p]),
+                               ("dm_pool_exit", None, [ctypes.c_void_p]),
                                ("dm_pool_held", ctypes.c_size_t, [ctypes.c_void_p]),
                                ("dm_pool_release", None, [ctypes.c_void_p])):
         function = getattr(lib, name)

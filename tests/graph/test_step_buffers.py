@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -156,3 +157,44 @@ def test_an_allocator_that_cannot_be_used_is_named_once_and_the_step_runs_from_m
     other = Step(conv_model())
     other(*data[0])  # nor for another step in the process
     assert "from malloc at every call: its allocator could not be used: g++ failed" in str(step.explain())
+
+
+REPLACED = """
+import copy, json, sys, warnings, torch
+from torch import nn
+sys.path.insert(0, {tests!r})
+from test_step_buffers import Step
+
+# Linear layers: mkldnn's convolutions allocate raw, which torch's mobile allocator does not support.
+torch.manual_seed(0)
+model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2048), nn.ReLU(), nn.Linear(2048, 10))
+data = [(torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))) for _ in range(5)]
+step, plain = Step(copy.deepcopy(model)), Step(copy.deepcopy(model), reuse=False)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    losses = [float(step(x, y)) for x, y in data[:2]]
+    pool = step._graph.buffers.pool
+    held = pool.held_bytes
+    torch._C._set_default_mobile_cpu_allocator()  # another CPU allocator takes torch's slot (priority 100)
+    losses += [float(step(x, y)) for x, y in data[2:]]
+    later = Step(copy.deepcopy(model))
+    later(*data[0])
+print(json.dumps({{"losses": losses, "plain": [float(plain(x, y)) for x, y in data], "held": [held, pool.held_bytes],
+                  "pool": step._graph.buffers.pool is None, "explain": str(step.explain()),
+                  "warnings": [str(w.message) for w in caught]}}))
+"""
+
+
+def test_an_allocator_replaced_after_steady_calls_is_named_once_and_the_step_goes_on_from_malloc():
+    # In a fresh process: torch's slot, once taken with priority 100, cannot be given back.
+    done = subprocess.run([sys.executable, "-c", REPLACED.format(tests=os.path.dirname(__file__))],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert got["losses"] == got["plain"]  # bitwise, before and after the allocator changed
+    assert got["held"][0] > 0 and got["held"][1] == 0  # the pool gave its blocks back
+    assert got["pool"]
+    assert "from malloc at every call: its allocator could not be used: torch's CPU allocator was replaced" \
+        in got["explain"]
+    replaced = [w for w in got["warnings"] if "replaced after it was installed" in w]
+    assert len(replaced) == 1, got["warnings"]
